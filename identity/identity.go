@@ -112,22 +112,34 @@ func WorkloadID(td spiffeid.TrustDomain, namespace, serviceAccount string) (spif
 	return id, nil
 }
 
-// validateLabel accepts lower-case RFC 1123 names: [a-z0-9]([-a-z0-9.]*[a-z0-9])?.
-// Namespaces may not contain dots; service-account names may.
+// validateLabel accepts lower-case RFC 1123 names: dot-separated labels of
+// the form [a-z0-9]([-a-z0-9]*[a-z0-9])?. Namespaces may not contain dots;
+// service-account names may.
 func validateLabel(what, s string, maxLen int) error {
 	if s == "" || len(s) > maxLen {
 		return fmt.Errorf("identity: %s %q must be 1-%d characters", what, s, maxLen)
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		ok := c >= 'a' && c <= 'z' || c >= '0' && c <= '9' ||
-			(c == '-' || c == '.' && what != "namespace") && i > 0 && i < len(s)-1
+		var ok bool
+		switch {
+		case isAlnum(c):
+			ok = true
+		case c == '-':
+			ok = i > 0 && i < len(s)-1
+		case c == '.' && what != "namespace":
+			// Each dot-separated label must start and end alphanumeric,
+			// which rules out "a..b", "a.-b" and "a-.b".
+			ok = i > 0 && i < len(s)-1 && isAlnum(s[i-1]) && isAlnum(s[i+1])
+		}
 		if !ok {
 			return fmt.Errorf("identity: %s %q is not a valid Kubernetes name", what, s)
 		}
 	}
 	return nil
 }
+
+func isAlnum(c byte) bool { return c >= 'a' && c <= 'z' || c >= '0' && c <= '9' }
 
 // HashToken returns a short, stable, non-reversible fingerprint of a token.
 func HashToken(token string) string {

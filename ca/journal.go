@@ -1,0 +1,69 @@
+package ca
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+
+	"github.com/meshca/meshca/internal/atomicfile"
+)
+
+// journalVersion is bumped on incompatible changes to the journal format.
+const journalVersion = 1
+
+// Journal records which CA keys and certificates are in use. It is small,
+// rewritten whole and atomically on every transition, so a crash at any
+// point leaves either the old or the new state on disk.
+type Journal struct {
+	Version int `json:"version"`
+	// Current signs today.
+	Current *Slot `json:"current"`
+	// Next is a prepared successor, published in the trust bundle before it
+	// signs anything (root rotation).
+	Next *Slot `json:"next,omitempty"`
+}
+
+// Slot is one root with the intermediate it currently signs through.
+type Slot struct {
+	RootKeyID           string `json:"rootKeyID"`
+	RootCertPEM         string `json:"rootCertPEM"`
+	IntermediateKeyID   string `json:"intermediateKeyID"`
+	IntermediateCertPEM string `json:"intermediateCertPEM"`
+}
+
+// LoadJournal reads the journal at path. A missing journal is reported as an
+// error matching fs.ErrNotExist.
+func LoadJournal(path string) (*Journal, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("ca: journal: %w", err)
+	}
+	var j Journal
+	if err := json.Unmarshal(data, &j); err != nil {
+		return nil, fmt.Errorf("ca: journal %s is corrupt: %w", path, err)
+	}
+	if j.Version != journalVersion {
+		return nil, fmt.Errorf("ca: journal %s has version %d, this meshca reads version %d", path, j.Version, journalVersion)
+	}
+	if j.Current == nil {
+		return nil, fmt.Errorf("ca: journal %s has no current slot", path)
+	}
+	return &j, nil
+}
+
+// Save writes the journal atomically.
+func (j *Journal) Save(path string) error {
+	j.Version = journalVersion
+	data, err := json.MarshalIndent(j, "", "  ")
+	if err != nil {
+		return fmt.Errorf("ca: journal: %w", err)
+	}
+	if err := atomicfile.Write(path, data, 0o600); err != nil {
+		return fmt.Errorf("ca: journal: %w", err)
+	}
+	return nil
+}
+
+func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
