@@ -218,7 +218,9 @@ type Request struct {
 type Issued struct {
 	// Chain runs from the leaf up to, not including, the root.
 	Chain []*x509.Certificate
-	// Roots is the trust bundle the chain was verified against.
+	// Root is the trust anchor the chain verified to; Roots is the whole
+	// trust bundle, which holds more than one root during a rotation.
+	Root  *x509.Certificate
 	Roots []*x509.Certificate
 	// Clamped reports a lifetime shorter than requested.
 	Clamped bool
@@ -291,7 +293,7 @@ func (a *Authority) sign(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration
 	chain := make([]*x509.Certificate, 0, 1+len(st.issuer.Chain))
 	chain = append(chain, leaf)
 	chain = append(chain, st.issuer.Chain...)
-	got, _, err := x509svid.Verify(chain, st.bundle, x509svid.WithTime(now))
+	got, verified, err := x509svid.Verify(chain, st.bundle, x509svid.WithTime(now))
 	if err != nil {
 		return nil, fmt.Errorf("ca: issued certificate failed verification: %w", err)
 	}
@@ -303,5 +305,6 @@ func (a *Authority) sign(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration
 	if clamped {
 		a.metrics.clamped.Inc()
 	}
-	return &Issued{Chain: chain, Roots: st.issuer.Roots, Clamped: clamped}, nil
+	anchor := verified[0][len(verified[0])-1]
+	return &Issued{Chain: chain, Root: anchor, Roots: st.issuer.Roots, Clamped: clamped}, nil
 }

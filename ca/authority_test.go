@@ -52,6 +52,9 @@ func TestIssuedSVIDFields(t *testing.T) {
 	if len(got.Chain) != 2 || !got.Chain[1].IsCA || got.Chain[1].MaxPathLen != 0 || !got.Chain[1].MaxPathLenZero {
 		t.Errorf("chain should be leaf + intermediate (pathlen 0)")
 	}
+	if !got.Root.Equal(got.Roots[0]) {
+		t.Error("Root is not the anchor of the bundle")
+	}
 	if len(got.Roots) != 1 || !got.Roots[0].IsCA || got.Roots[0].CheckSignatureFrom(got.Roots[0]) != nil {
 		t.Errorf("roots should be one self-signed CA")
 	}

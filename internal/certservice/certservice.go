@@ -1,0 +1,195 @@
+// Package certservice serves Istio's CA API,
+// istio.v1.auth.IstioCertificateService/CreateCertificate, so Istio's own
+// agents and ztunnel can use meshca unchanged. It is the edge: it
+// authenticates the caller, asks the CA to sign, and turns typed errors into
+// gRPC status codes. Callers see precise reasons for their own mistakes and
+// opaque messages for meshca's; the log gets the detail.
+package certservice
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/identity"
+)
+
+// MaxRequestBytes bounds a whole CreateCertificate message; the server
+// should refuse anything larger before decoding it.
+const MaxRequestBytes = 64 << 10
+
+// Metadata keys Istio's clients send.
+const (
+	authorizationKey = "authorization"
+	clusterIDKey     = "clusterid"
+	// impersonationKey is how ztunnel asks for another workload's identity.
+	impersonationKey = "ImpersonatedIdentity"
+)
+
+// Issuer signs certificates for authenticated callers.
+type Issuer interface {
+	Issue(ctx context.Context, req ca.Request) (*ca.Issued, error)
+}
+
+// Config configures a Service.
+type Config struct {
+	Authenticator identity.Authenticator
+	Issuer        Issuer
+	Logger        *slog.Logger
+	Metrics       prometheus.Registerer
+}
+
+// Service implements IstioCertificateServiceServer.
+type Service struct {
+	pb.UnimplementedIstioCertificateServiceServer
+	auth    identity.Authenticator
+	issuer  Issuer
+	log     *slog.Logger
+	metrics *metrics
+}
+
+// New returns a Service.
+func New(cfg Config) (*Service, error) {
+	if cfg.Authenticator == nil || cfg.Issuer == nil {
+		return nil, fmt.Errorf("certservice: an authenticator and an issuer are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Service{auth: cfg.Authenticator, issuer: cfg.Issuer, log: cfg.Logger, metrics: newMetrics(cfg.Metrics)}, nil
+}
+
+// Register adds the service to a gRPC server.
+func (s *Service) Register(r grpc.ServiceRegistrar) { pb.RegisterIstioCertificateServiceServer(r, s) }
+
+// CreateCertificate authenticates the caller and signs its CSR.
+func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
+	began := time.Now()
+	log := s.log.With("peer", peerAddr(ctx))
+	caller, err := s.authenticate(ctx)
+	if err != nil {
+		return nil, s.deny(log, began, err)
+	}
+	log = log.With("spiffeID", caller.ID.String(), "tokenHash", caller.TokenHash)
+	if caller.PodName != "" {
+		log = log.With("pod", caller.Namespace+"/"+caller.PodName)
+	}
+	if req.GetMetadata().GetFields()[impersonationKey] != nil {
+		return nil, s.deny(log, began, errImpersonation)
+	}
+	if req.GetValidityDuration() < 0 {
+		return nil, s.deny(log, began, errNegativeTTL)
+	}
+	issued, err := s.issuer.Issue(ctx, ca.Request{
+		CSR: []byte(req.GetCsr()),
+		ID:  caller.ID,
+		TTL: time.Duration(req.GetValidityDuration()) * time.Second,
+	})
+	if err != nil {
+		return nil, s.deny(log, began, err)
+	}
+	leaf := issued.Leaf()
+	chain := make([]string, 0, len(issued.Chain)+1)
+	for _, c := range issued.Chain {
+		chain = append(chain, string(ca.EncodeCerts(c)))
+	}
+	chain = append(chain, string(ca.EncodeCerts(issued.Root)))
+	s.metrics.observe("issued", "", began)
+	log.Info("issued certificate", "serial", leaf.SerialNumber.Text(16),
+		"notAfter", leaf.NotAfter, "clamped", issued.Clamped)
+	return &pb.IstioCertificateResponse{CertChain: chain}, nil
+}
+
+var (
+	errMissingToken  = identity.Deny(identity.ReasonMissing, "no bearer token in the %q metadata", authorizationKey)
+	errImpersonation = errors.New("certservice: impersonation (ImpersonatedIdentity) is not supported")
+	errNegativeTTL   = errors.New("certservice: validity_duration must not be negative")
+)
+
+func (s *Service) authenticate(ctx context.Context) (identity.Caller, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	token, ok := bearerToken(md.Get(authorizationKey))
+	if !ok {
+		return identity.Caller{}, errMissingToken
+	}
+	var cluster string
+	if v := md.Get(clusterIDKey); len(v) > 0 {
+		cluster = v[0]
+	}
+	return s.auth.Authenticate(ctx, identity.Credential{Token: token, ClusterID: cluster})
+}
+
+// bearerToken accepts exactly one "Bearer <token>" value; the scheme is
+// case-insensitive as RFC 6750 says.
+func bearerToken(values []string) (string, bool) {
+	if len(values) != 1 {
+		return "", false
+	}
+	scheme, token, ok := strings.Cut(strings.TrimSpace(values[0]), " ")
+	token = strings.TrimSpace(token)
+	if !ok || !strings.EqualFold(scheme, "bearer") || token == "" {
+		return "", false
+	}
+	return token, true
+}
+
+// deny logs err with its detail, counts it, and returns the gRPC status the
+// caller sees.
+func (s *Service) deny(log *slog.Logger, began time.Time, err error) error {
+	st, reason := toStatus(err)
+	s.metrics.observe("denied", reason, began)
+	level := slog.LevelWarn
+	if st.Code() == codes.Internal {
+		level = slog.LevelError
+	}
+	log.Log(context.Background(), level, "denied certificate request", "reason", reason, "code", st.Code().String(), "err", err)
+	return st.Err()
+}
+
+// toStatus is the single place where meshca's errors become gRPC codes.
+func toStatus(err error) (*status.Status, string) {
+	var idErr *identity.Error
+	var csrErr *ca.CSRError
+	switch {
+	case errors.As(err, &idErr):
+		if idErr.Reason == identity.ReasonUnavailable {
+			return status.New(codes.Unavailable, "cannot verify the token right now; retry"), string(idErr.Reason)
+		}
+		return status.New(codes.Unauthenticated, "authentication failed: "+idErr.Error()), string(idErr.Reason)
+	case errors.As(err, &csrErr):
+		return status.New(codes.InvalidArgument, "invalid CSR: "+csrErr.Detail), string(csrErr.Problem)
+	case errors.Is(err, errImpersonation):
+		return status.New(codes.PermissionDenied, "impersonation (ImpersonatedIdentity) is not supported"), "impersonation"
+	case errors.Is(err, errNegativeTTL):
+		return status.New(codes.InvalidArgument, "validity_duration must not be negative"), "bad-ttl"
+	case errors.Is(err, ca.ErrForeignTrustDomain):
+		return status.New(codes.PermissionDenied, "identity is outside this CA's trust domain"), "foreign-trust-domain"
+	case errors.Is(err, ca.ErrNotReady):
+		return status.New(codes.Unavailable, "CA is not ready; retry"), "ca-not-ready"
+	case errors.Is(err, context.Canceled):
+		return status.New(codes.Canceled, "request cancelled"), "cancelled"
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.New(codes.DeadlineExceeded, "deadline exceeded"), "deadline"
+	default:
+		return status.New(codes.Internal, "internal error; see the CA's log"), "internal"
+	}
+}
+
+func peerAddr(ctx context.Context) string {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		return p.Addr.String()
+	}
+	return ""
+}
