@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"time"
 
@@ -95,7 +96,7 @@ func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 	issued, err := s.issuer.Issue(ctx, ca.Request{
 		CSR: []byte(req.GetCsr()),
 		ID:  caller.ID,
-		TTL: time.Duration(req.GetValidityDuration()) * time.Second,
+		TTL: seconds(req.GetValidityDuration()),
 	})
 	if err != nil {
 		return nil, s.deny(log, began, err)
@@ -110,6 +111,16 @@ func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 	log.Info("issued certificate", "serial", leaf.SerialNumber.Text(16),
 		"notAfter", leaf.NotAfter, "clamped", issued.Clamped)
 	return &pb.IstioCertificateResponse{CertChain: chain}, nil
+}
+
+// seconds converts a requested lifetime without overflowing: an absurdly
+// long request must be clamped to the maximum, not wrap around to the
+// default.
+func seconds(n int64) time.Duration {
+	if n > int64(math.MaxInt64/time.Second) {
+		return math.MaxInt64
+	}
+	return time.Duration(n) * time.Second
 }
 
 var (

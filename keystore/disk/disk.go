@@ -37,6 +37,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/keystore"
 )
 
@@ -224,7 +225,7 @@ func (s *Store) DeleteKey(_ context.Context, id string) error {
 	if err != nil {
 		return fmt.Errorf("keystore/disk: deleting key %q: %w", id, err)
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := atomicfile.SyncDir(s.dir); err != nil {
 		return fmt.Errorf("keystore/disk: deleting key %q: %w", id, err)
 	}
 	return nil

@@ -18,6 +18,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/keystore/disk"
 	"github.com/meshca/meshca/keystore/keystoretest"
@@ -336,7 +337,8 @@ func TestInterruptedWrite(t *testing.T) {
 			if err := os.WriteFile(path, oldFile, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			temp := filepath.Join(dir, ".ca.key.tmp2718281828")
+			// The name atomicfile.Write gives its temp file for ca.key.
+			temp := filepath.Join(dir, atomicfile.TempPrefix+"ca.key-2718281828")
 			if err := os.WriteFile(temp, tt.temp(newFile), 0o600); err != nil {
 				t.Fatal(err)
 			}

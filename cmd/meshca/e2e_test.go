@@ -1,0 +1,345 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// syncBuffer lets a test read what a running command has printed so far.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// meshcaCmd runs one meshca command line to completion.
+func meshcaCmd(t *testing.T, args ...string) string {
+	t.Helper()
+	var out, errs bytes.Buffer
+	cmd := newRootCommand(&out, &errs)
+	cmd.SetArgs(args)
+	if err := cmd.ExecuteContext(context.Background()); err != nil {
+		t.Fatalf("meshca %s: %v\nstderr: %s", strings.Join(args, " "), err, errs.String())
+	}
+	return out.String()
+}
+
+type devServer struct {
+	dataDir, grpcAddr, monitorAddr string
+}
+
+// startDev runs `meshca dev` in-process on free loopback ports until the
+// test ends, and learns its addresses from the banner it prints.
+func startDev(t *testing.T) *devServer {
+	t.Helper()
+	d := &devServer{dataDir: t.TempDir()}
+	out := &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := newRootCommand(out, io.Discard)
+	cmd.SetArgs([]string{"dev", "--data-dir", d.dataDir, "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0"})
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("meshca dev: %v", err)
+		}
+	})
+	api := regexp.MustCompile(`CA API\s+(\S+)`)
+	mon := regexp.MustCompile(`monitoring\s+http://(\S+)/metrics`)
+	deadline := time.After(time.Minute)
+	for {
+		if m := api.FindStringSubmatch(out.String()); m != nil {
+			d.grpcAddr = m[1]
+			d.monitorAddr = mon.FindStringSubmatch(out.String())[1]
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("meshca dev exited: %v\n%s", err, out.String())
+		case <-deadline:
+			t.Fatalf("meshca dev printed no banner:\n%s", out.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	// The banner's own instructions must be what the test runs.
+	for _, want := range []string{"dev token --data-dir " + d.dataDir, "cert --addr " + d.grpcAddr, "DEVELOPMENT MODE"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("banner does not say %q:\n%s", want, out.String())
+		}
+	}
+	return d
+}
+
+// issueTo runs the documented client flow for ns/sa and returns the output
+// directory.
+func (d *devServer) issueTo(t *testing.T, ns, sa string) string {
+	t.Helper()
+	tokenFile := filepath.Join(t.TempDir(), sa+".token")
+	tok := meshcaCmd(t, "dev", "token", "--data-dir", d.dataDir, "--namespace", ns, "--service-account", sa)
+	if err := os.WriteFile(tokenFile, []byte(tok), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), sa)
+	printed := meshcaCmd(t, "cert", "--addr", d.grpcAddr, "--ca-bundle", filepath.Join(d.dataDir, "root-cert.pem"),
+		"--token-file", tokenFile, "--out", out)
+	if want := "spiffe://cluster.local/ns/" + ns + "/sa/" + sa; !strings.Contains(printed, want) {
+		t.Fatalf("cert printed %q, want it to name %s", printed, want)
+	}
+	return out
+}
+
+func loadSVID(t *testing.T, dir string) (*x509svid.SVID, *x509bundle.Bundle) {
+	t.Helper()
+	svid, err := x509svid.Load(filepath.Join(dir, "cert-chain.pem"), filepath.Join(dir, "key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle, err := x509bundle.Load(svid.ID.TrustDomain(), filepath.Join(dir, "root-cert.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svid, bundle
+}
+
+// handshake runs a real mTLS handshake over loopback TCP between a server
+// and a client workload, each authorising the other's SPIFFE ID. It returns
+// the server's and the client's errors. extraClientRoots are trusted by the
+// client in addition to its own bundle.
+func handshake(t *testing.T, serverDir, clientDir string, extraClientRoots ...string) (serverErr, clientErr error) {
+	t.Helper()
+	ssvid, sbundle := loadSVID(t, serverDir)
+	csvid, cbundle := loadSVID(t, clientDir)
+	for _, dir := range extraClientRoots {
+		_, b := loadSVID(t, dir)
+		for _, r := range b.X509Authorities() {
+			cbundle.AddX509Authority(r)
+		}
+	}
+	l, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(ssvid, sbundle, tlsconfig.AuthorizeID(csvid.ID)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	srvDone := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			srvDone <- err
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		if err := c.(*tls.Conn).Handshake(); err != nil {
+			srvDone <- err
+			return
+		}
+		_, err = io.WriteString(c, "hello "+peerID(c.(*tls.Conn)))
+		srvDone <- err
+	}()
+	conn, err := tls.Dial("tcp", l.Addr().String(), tlsconfig.MTLSClientConfig(csvid, cbundle, tlsconfig.AuthorizeID(ssvid.ID)))
+	if err == nil {
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(30 * time.Second))
+		var msg []byte
+		msg, err = io.ReadAll(conn)
+		if err == nil && string(msg) != "hello "+csvid.ID.String() {
+			err = errors.New("unexpected greeting " + string(msg))
+		}
+	}
+	return <-srvDone, err
+}
+
+func peerID(c *tls.Conn) string {
+	id, err := x509svid.IDFromCert(c.ConnectionState().PeerCertificates[0])
+	if err != nil {
+		return "?"
+	}
+	return id.String()
+}
+
+func TestDevEndToEnd(t *testing.T) {
+	d := startDev(t)
+	web := d.issueTo(t, "default", "web")
+	db := d.issueTo(t, "prod", "db")
+
+	svid, _ := loadSVID(t, web)
+	if svid.ID != spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/web") {
+		t.Fatalf("web got %s", svid.ID)
+	}
+	if fi, err := os.Stat(filepath.Join(web, "key.pem")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("key.pem mode %v (err %v), want 0600", fi.Mode().Perm(), err)
+	}
+
+	if serr, cerr := handshake(t, web, db); serr != nil || cerr != nil {
+		t.Fatalf("mTLS between two meshca workloads failed: server %v, client %v", serr, cerr)
+	}
+
+	// A workload of another meshca (another root) is refused both ways:
+	// as a client (even one that trusts our root, so it gets as far as
+	// presenting its certificate) and as a server.
+	other := startDev(t)
+	stranger := other.issueTo(t, "default", "stranger")
+	serr, _ := handshake(t, web, stranger, web)
+	if serr == nil || !strings.Contains(serr.Error(), "x509svid: could not verify leaf certificate") {
+		t.Errorf("server accepted a client certificate from another CA: %v", serr)
+	}
+	_, cerr := handshake(t, stranger, web)
+	if cerr == nil || !strings.Contains(cerr.Error(), "x509svid: could not verify leaf certificate") {
+		t.Errorf("client accepted a server certificate from another CA: %v", cerr)
+	}
+
+	// Operability endpoints reflect what happened.
+	body := httpGet(t, "http://"+d.monitorAddr+"/readyz", http.StatusOK)
+	if !strings.Contains(body, "[+] ca ok") {
+		t.Errorf("/readyz = %q", body)
+	}
+	metrics := httpGet(t, "http://"+d.monitorAddr+"/metrics", http.StatusOK)
+	if !strings.Contains(metrics, `meshca_ca_certificates_issued_total{kind="workload"} 2`) {
+		t.Errorf("metrics do not count 2 workload certificates:\n%s", grepLines(metrics, "meshca_ca_certificates_issued_total"))
+	}
+}
+
+func TestDevRestartKeepsRoot(t *testing.T) {
+	dir := t.TempDir()
+	run := func() string {
+		ctx, cancel := context.WithCancel(context.Background())
+		out := &syncBuffer{}
+		cmd := newRootCommand(out, io.Discard)
+		cmd.SetArgs([]string{"dev", "--data-dir", dir, "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0"})
+		done := make(chan error, 1)
+		go func() { done <- cmd.ExecuteContext(ctx) }()
+		re := regexp.MustCompile(`root ([0-9a-f]{16})…`)
+		for i := 0; i < 6000 && re.FindStringSubmatch(out.String()) == nil; i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		m := re.FindStringSubmatch(out.String())
+		if m == nil {
+			t.Fatalf("no root fingerprint in banner:\n%s", out.String())
+		}
+		return m[1]
+	}
+	if a, b := run(), run(); a != b {
+		t.Fatalf("restart changed the root: %s then %s", a, b)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out := meshcaCmd(t, "version")
+	if !strings.HasPrefix(out, "meshca dev (commit ") {
+		t.Fatalf("version printed %q", out)
+	}
+}
+
+func httpGet(t *testing.T, url string, want int) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != want {
+		t.Fatalf("GET %s = %d, want %d: %s", url, resp.StatusCode, want, b)
+	}
+	return string(b)
+}
+
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+
+func TestServerWithPluggedInCA(t *testing.T) {
+	dir := t.TempDir()
+	fixture := filepath.Join("..", "..", "testdata", "cacerts")
+	logs := &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := newRootCommand(io.Discard, logs)
+	cmd.SetArgs([]string{"server", "--ca-dir", fixture, "--data-dir", dir,
+		"--authenticator", "dev", "--dev-token-key", filepath.Join(dir, "dev-token-key.pem"),
+		"--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0", "--bundle-out", filepath.Join(dir, "bundle.pem")})
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("meshca server: %v", err)
+		}
+	}()
+	re := regexp.MustCompile(`msg=serving grpc=(\S+)`)
+	var addr string
+	for i := 0; i < 6000 && addr == ""; i++ {
+		if m := re.FindStringSubmatch(logs.String()); m != nil {
+			addr = m[1]
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if addr == "" {
+		t.Fatalf("server did not start:\n%s", logs.String())
+	}
+	d := &devServer{dataDir: dir, grpcAddr: addr}
+	tokenFile := filepath.Join(dir, "t")
+	os.WriteFile(tokenFile, []byte(meshcaCmd(t, "dev", "token", "--data-dir", dir, "-n", "shop", "-s", "cart")), 0o600)
+	out := filepath.Join(dir, "cart")
+	meshcaCmd(t, "cert", "--addr", d.grpcAddr, "--ca-bundle", filepath.Join(fixture, "root-cert.pem"), "--token-file", tokenFile, "--out", out)
+
+	svid, bundle := loadSVID(t, out)
+	fixtureRoot, err := x509bundle.Load(svid.ID.TrustDomain(), filepath.Join(fixture, "root-cert.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bundle.Equal(fixtureRoot) {
+		t.Fatal("the written trust bundle is not the plugged-in root")
+	}
+	if _, _, err := x509svid.Verify(svid.Certificates, fixtureRoot); err != nil {
+		t.Fatalf("issued chain does not verify against the plugged-in root: %v", err)
+	}
+	if len(svid.Certificates) != 2 || svid.Certificates[1].Subject.CommonName != "fixture intermediate CA" {
+		t.Fatalf("chain should be leaf + the plugged-in intermediate, got %d certificates", len(svid.Certificates))
+	}
+	written, err := os.ReadFile(filepath.Join(dir, "bundle.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, _ := os.ReadFile(filepath.Join(fixture, "root-cert.pem")); !bytes.Equal(bytes.TrimSpace(written), bytes.TrimSpace(want)) {
+		t.Error("--bundle-out does not hold the plugged-in root")
+	}
+}

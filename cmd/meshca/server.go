@@ -1,0 +1,92 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/identity/devtoken"
+)
+
+type serverOptions struct {
+	ca             caOptions
+	listen         listenOptions
+	dataDir        string
+	keystore       string
+	keystoreDir    string
+	passphraseFile string
+	authenticator  string
+	devTokenKey    string
+	bundleOut      string
+}
+
+func newServerCommand(g *globalOptions) *cobra.Command {
+	o := &serverOptions{}
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run the meshca CA server",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: defaultPath(o.dataDir, "ca-journal.json"), log: log}
+			if o.ca.caDir == "" {
+				if o.keystore != "disk" {
+					return fmt.Errorf("--keystore must be disk, not %q", o.keystore)
+				}
+				dir := o.keystoreDir
+				if dir == "" {
+					dir = defaultPath(o.dataDir, "keys")
+				}
+				if c.keys, err = openDiskKeystore(dir, o.passphraseFile, log); err != nil {
+					return err
+				}
+			}
+			if c.authn, err = o.buildAuthenticator(o.ca.trustDomain, log); err != nil {
+				return err
+			}
+			st, err := buildStack(ctx, c)
+			if err != nil {
+				return err
+			}
+			return st.run(ctx, o.bundleOut)
+		},
+	}
+	fs := cmd.Flags()
+	o.ca.bind(fs)
+	o.listen.bind(fs, "", []string{"meshca", "meshca.meshca-system", "meshca.meshca-system.svc", "localhost"}, []string{"127.0.0.1"})
+	fs.StringVar(&o.dataDir, "data-dir", "/var/lib/meshca", "directory for the CA journal and, by default, the disk keystore")
+	fs.StringVar(&o.keystore, "keystore", "disk", "where CA keys live: disk")
+	fs.StringVar(&o.keystoreDir, "keystore-dir", "", "disk keystore directory (default <data-dir>/keys)")
+	fs.StringVar(&o.passphraseFile, "keystore-passphrase-file", "", "file holding the disk keystore's passphrase")
+	fs.StringVar(&o.authenticator, "authenticator", "dev", "how workload tokens are verified: dev (meshca's development token issuer)")
+	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")
+	fs.StringVar(&o.bundleOut, "bundle-out", "", "write the trust bundle (PEM) to this file and keep it current")
+	return cmd
+}
+
+func (o *serverOptions) buildAuthenticator(td string, log *slog.Logger) (identity.Authenticator, error) {
+	switch o.authenticator {
+	case "dev":
+		if o.devTokenKey == "" {
+			return nil, fmt.Errorf("--authenticator=dev needs --dev-token-key")
+		}
+		return newDevAuthority(td, o.devTokenKey, log)
+	default:
+		return nil, fmt.Errorf("--authenticator must be dev, not %q", o.authenticator)
+	}
+}
+
+func newDevAuthority(trustDomain, keyFile string, log *slog.Logger) (*devtoken.Authority, error) {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("--trust-domain: %w", err)
+	}
+	return devtoken.New(devtoken.Config{KeyFile: keyFile, TrustDomain: td, Logger: log})
+}

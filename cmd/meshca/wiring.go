@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/pflag"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/internal/atomicfile"
+	"github.com/meshca/meshca/internal/certservice"
+	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/keystore"
+	"github.com/meshca/meshca/keystore/disk"
+)
+
+// caOptions are the flags shared by `server` and `dev` that shape the CA.
+type caOptions struct {
+	trustDomain     string
+	caDir           string
+	keyType         string
+	rootTTL         time.Duration
+	intermediateTTL time.Duration
+	leafTTL         time.Duration
+	maxLeafTTL      time.Duration
+	coverage        int
+}
+
+func (o *caOptions) bind(fs *pflag.FlagSet) {
+	fs.StringVar(&o.trustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of the mesh")
+	fs.StringVar(&o.caDir, "ca-dir", "", "directory with a plugged-in CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem), reloaded on change; empty: meshca manages its own root")
+	fs.StringVar(&o.keyType, "key-type", string(keystore.ECDSAP256), "key type of the self-managed root and intermediates: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096")
+	fs.DurationVar(&o.rootTTL, "root-ttl", 365*24*time.Hour, "lifetime of a self-managed root")
+	fs.DurationVar(&o.intermediateTTL, "intermediate-ttl", 48*time.Hour, "lifetime of a self-managed intermediate (renewed at half-life)")
+	fs.DurationVar(&o.leafTTL, "leaf-ttl", ca.DefaultTTLPolicy.Default, "default workload certificate lifetime")
+	fs.DurationVar(&o.maxLeafTTL, "max-leaf-ttl", ca.DefaultTTLPolicy.Max, "longest workload certificate lifetime a caller may ask for (longer requests are shortened)")
+	fs.IntVar(&o.coverage, "issuer-coverage", ca.DefaultTTLPolicy.Coverage, "refuse to start unless the signing CA stays valid for this many default leaf lifetimes")
+}
+
+// listenOptions are the network flags shared by `server` and `dev`.
+type listenOptions struct {
+	grpcAddr    string
+	monitorAddr string
+	dnsNames    []string
+	ips         []string
+	namespace   string
+	account     string
+}
+
+func (o *listenOptions) bind(fs *pflag.FlagSet, host string, dnsNames, ips []string) {
+	fs.StringVar(&o.grpcAddr, "grpc-addr", net.JoinHostPort(host, "15012"), "address of the CA API (Istio's CreateCertificate over TLS)")
+	fs.StringVar(&o.monitorAddr, "monitor-addr", net.JoinHostPort(host, "15014"), "address serving /metrics, /healthz and /readyz")
+	fs.StringSliceVar(&o.dnsNames, "serving-dns", dnsNames, "DNS names in the CA API's TLS certificate")
+	fs.StringSliceVar(&o.ips, "serving-ip", ips, "IP addresses in the CA API's TLS certificate")
+	fs.StringVar(&o.namespace, "namespace", "meshca-system", "namespace meshca runs in (its own SPIFFE ID)")
+	fs.StringVar(&o.account, "service-account", "meshca", "service account meshca runs as (its own SPIFFE ID)")
+}
+
+// stack is an assembled meshca server.
+type stack struct {
+	authority *ca.Authority
+	server    *server.Server
+	registry  *prometheus.Registry
+	log       *slog.Logger
+}
+
+type stackConfig struct {
+	ca          caOptions
+	listen      listenOptions
+	keys        ca.KeyStore // used when ca.caDir is empty
+	journalPath string
+	authn       identity.Authenticator
+	log         *slog.Logger
+}
+
+func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
+	td, err := spiffeid.TrustDomainFromString(c.ca.trustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("--trust-domain: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	var src ca.Source
+	if c.ca.caDir != "" {
+		src, err = ca.NewPluggedIn(ca.PluggedInConfig{Dir: c.ca.caDir, Logger: c.log})
+	} else {
+		var kt keystore.KeyType
+		if kt, err = keystore.ParseKeyType(c.ca.keyType); err != nil {
+			return nil, fmt.Errorf("--key-type: %w", err)
+		}
+		src, err = ca.NewSelfManaged(ca.SelfManagedConfig{
+			TrustDomain: td, Keys: c.keys, JournalPath: c.journalPath, KeyType: kt,
+			RootTTL: c.ca.rootTTL, IntermediateTTL: c.ca.intermediateTTL, Logger: c.log,
+		})
+	}
+	if err != nil {
+		return nil, err
+	}
+	authority, err := ca.New(ca.Config{
+		TrustDomain: td,
+		Source:      src,
+		TTL:         ca.TTLPolicy{Default: c.ca.leafTTL, Max: c.ca.maxLeafTTL, Coverage: c.ca.coverage},
+		Logger:      c.log,
+		Metrics:     reg,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := authority.Init(ctx); err != nil {
+		return nil, err
+	}
+	svc, err := certservice.New(certservice.Config{Authenticator: c.authn, Issuer: authority, Logger: c.log, Metrics: reg})
+	if err != nil {
+		return nil, err
+	}
+	serverID, err := identity.WorkloadID(td, c.listen.namespace, c.listen.account)
+	if err != nil {
+		return nil, err
+	}
+	var ips []net.IP
+	for _, s := range c.listen.ips {
+		ip := net.ParseIP(strings.TrimSpace(s))
+		if ip == nil {
+			return nil, fmt.Errorf("--serving-ip: %q is not an IP address", s)
+		}
+		ips = append(ips, ip)
+	}
+	srv, err := server.New(server.Config{
+		GRPCAddr:       c.listen.grpcAddr,
+		MonitorAddr:    c.listen.monitorAddr,
+		CA:             authority,
+		ServerID:       serverID,
+		DNSNames:       c.listen.dnsNames,
+		IPs:            ips,
+		Services:       []server.Service{svc},
+		MaxRecvMsgSize: certservice.MaxRequestBytes,
+		Ready: map[string]server.Check{"ca": func() error {
+			if !authority.Ready() {
+				return ca.ErrNotReady
+			}
+			return nil
+		}},
+		Gatherer: reg,
+		Logger:   c.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &stack{authority: authority, server: srv, registry: reg, log: c.log}, nil
+}
+
+// run serves until ctx ends. bundlePath, when set, receives the trust
+// bundle now and after every change.
+func (s *stack) run(ctx context.Context, bundlePath string) error {
+	if err := s.server.Listen(); err != nil {
+		return err
+	}
+	return s.serve(ctx, bundlePath)
+}
+
+func (s *stack) serve(ctx context.Context, bundlePath string) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.authority.Run(ctx) })
+	g.Go(func() error { return s.server.Serve(ctx) })
+	if bundlePath != "" {
+		g.Go(func() error { return writeBundle(ctx, s.authority, bundlePath, s.log) })
+	}
+	return g.Wait()
+}
+
+// writeBundle keeps bundlePath equal to the CA's trust bundle.
+func writeBundle(ctx context.Context, a *ca.Authority, path string, log *slog.Logger) error {
+	for {
+		changed := a.Changed()
+		data := ca.EncodeCerts(a.Issuer().Roots...)
+		if err := atomicfile.Write(path, data, 0o644); err != nil {
+			return fmt.Errorf("writing trust bundle: %w", err)
+		}
+		log.Debug("wrote trust bundle", "path", path)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
+
+// openDiskKeystore opens the encrypted key directory with a passphrase read
+// from a file (never from a flag: flags show up in process listings).
+func openDiskKeystore(dir, passphraseFile string, log *slog.Logger) (*disk.Store, error) {
+	if passphraseFile == "" {
+		return nil, fmt.Errorf("--keystore-passphrase-file is required for the disk keystore")
+	}
+	pass, err := os.ReadFile(passphraseFile)
+	if err != nil {
+		return nil, fmt.Errorf("keystore passphrase: %w", err)
+	}
+	defer clear(pass)
+	return disk.New(disk.Config{Dir: dir, Passphrase: bytes.TrimRight(pass, "\r\n"), Logger: log})
+}
+
+func defaultPath(dataDir, name string) string { return filepath.Join(dataDir, name) }
