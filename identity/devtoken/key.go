@@ -11,6 +11,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/meshca/meshca/internal/atomicfile"
 )
 
 // loadOrCreateKey returns the P-256 signing key stored in path, creating it
@@ -91,31 +93,9 @@ func parseKey(data []byte) (*ecdsa.PrivateKey, error) {
 
 // writeFileAtomic writes data to path with mode 0600 so that a crash never
 // leaves a truncated key behind: readers see either no file or all of it.
-func writeFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+func writeFileAtomic(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	// os.CreateTemp opens the file with mode 0600, so the key is never
-	// readable by others, not even briefly.
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
+	return atomicfile.Write(path, data, 0o600)
 }
