@@ -286,7 +286,6 @@ func grepLines(s, substr string) string {
 	return strings.Join(out, "\n")
 }
 
-
 func TestServerWithPluggedInCA(t *testing.T) {
 	dir := t.TempDir()
 	fixture := filepath.Join("..", "..", "testdata", "cacerts")

@@ -47,6 +47,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newServerCommand(g),
 		newDevCommand(g),
 		newCertCommand(g),
+		newBenchCommand(g),
 		newVersionCommand(),
 	)
 	return root
