@@ -1,0 +1,142 @@
+package server_test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/keystore/memory"
+)
+
+var td = spiffeid.RequireTrustDomainFromString("cluster.local")
+
+func newAuthority(t *testing.T, clock clockwork.Clock) *ca.Authority {
+	t.Helper()
+	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{TrustDomain: td, Keys: memory.New(), JournalPath: filepath.Join(t.TempDir(), "j.json")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ca.New(ca.Config{TrustDomain: td, Source: src, Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Init(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func start(t *testing.T, cfg server.Config) *server.Server {
+	t.Helper()
+	cfg.GRPCAddr, cfg.MonitorAddr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.ServerID = spiffeid.RequireFromString("spiffe://cluster.local/ns/meshca-system/sa/meshca")
+	cfg.IPs = []net.IP{net.IPv4(127, 0, 0, 1)}
+	s, err := server.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	return s
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestReadyzReportsEachCheck(t *testing.T) {
+	ready := errors.New("still loading")
+	s := start(t, server.Config{CA: newAuthority(t, clockwork.NewRealClock()), Ready: map[string]server.Check{
+		"ca":    func() error { return nil },
+		"vault": func() error { return ready },
+	}})
+	code, body := get(t, "http://"+s.MonitorAddr()+"/readyz")
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, "[+] ca ok") || !strings.Contains(body, "[-] vault: still loading") {
+		t.Fatalf("/readyz = %d %q, want 503 naming the failing check", code, body)
+	}
+	ready = nil
+	if code, body = get(t, "http://"+s.MonitorAddr()+"/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz = %d %q after the check passed, want 200", code, body)
+	}
+	if code, _ = get(t, "http://"+s.MonitorAddr()+"/healthz"); code != http.StatusOK {
+		t.Fatalf("/healthz = %d", code)
+	}
+}
+
+// servingChain handshakes with the gRPC port and returns the certificates
+// the server presented, verified against roots.
+func servingChain(t *testing.T, s *server.Server, clock clockwork.Clock, roots []*x509.Certificate) []*x509.Certificate {
+	t.Helper()
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	conn, err := tls.Dial("tcp", s.GRPCAddr(), &tls.Config{RootCAs: pool, NextProtos: []string{"h2"}, Time: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	return conn.ConnectionState().PeerCertificates
+}
+
+func TestServingCertificateFollowsTheCA(t *testing.T) {
+	// Both ends of the handshake check validity at the fake clock's time.
+	clock := clockwork.NewFakeClockAt(time.Now())
+	a := newAuthority(t, clock)
+	s := start(t, server.Config{CA: a, Clock: clock})
+
+	first := servingChain(t, s, clock, a.Issuer().Roots)
+	if len(first) != 2 || !first[1].Equal(a.Issuer().Cert) {
+		t.Fatal("serving chain is not leaf + current intermediate")
+	}
+	if got := first[0].URIs[0].String(); got != "spiffe://cluster.local/ns/meshca-system/sa/meshca" {
+		t.Errorf("serving certificate identity %s", got)
+	}
+	if again := servingChain(t, s, clock, a.Issuer().Roots); !again[0].Equal(first[0]) {
+		t.Error("serving certificate re-issued without a reason")
+	}
+
+	// A new intermediate: the very next handshake presents a certificate
+	// from it, on the same listener.
+	clock.Advance(25 * time.Hour)
+	if err := a.Maintain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if a.Issuer().Cert.Equal(first[1]) {
+		t.Fatal("intermediate did not change")
+	}
+	next := servingChain(t, s, clock, a.Issuer().Roots)
+	if !next[1].Equal(a.Issuer().Cert) || next[0].Equal(first[0]) {
+		t.Fatal("serving certificate did not follow the CA change")
+	}
+}
