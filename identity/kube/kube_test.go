@@ -71,9 +71,9 @@ func serviceAccount(ns, sa string, extra map[string]authnv1.ExtraValue) func(aut
 	}
 }
 
-// jwt builds a token whose payload carries exp; the signature is not
+// fakeJWT builds a token whose payload carries exp; the signature is not
 // checked by meshca (the API server checks it).
-func jwt(exp time.Time) string {
+func fakeJWT(exp time.Time) string {
 	enc := base64.RawURLEncoding.EncodeToString
 	return enc([]byte(`{"alg":"RS256"}`)) + "." + enc([]byte(fmt.Sprintf(`{"exp":%d,"n":%d}`, exp.Unix(), time.Now().UnixNano()))) + ".sig"
 }
@@ -99,7 +99,7 @@ func TestMapsServiceAccountAndPodBinding(t *testing.T) {
 		"authentication.kubernetes.io/node-name": {"node-a"},
 	}))
 	a := newAuth(t, r, clockwork.NewFakeClockAt(start), func(c *kube.Config) { c.Audiences = []string{"meshca", "istio-ca"}; c.ClusterID = "east" })
-	tok := jwt(start.Add(time.Hour))
+	tok := fakeJWT(start.Add(time.Hour))
 	c, err := a.Authenticate(context.Background(), identity.Credential{Token: tok, ClusterID: "east"})
 	if err != nil {
 		t.Fatal(err)
@@ -170,7 +170,7 @@ func TestConcurrentRequestsShareOneReview(t *testing.T) {
 	r := &fakeReviewer{gate: make(chan struct{})}
 	r.set(serviceAccount("default", "web", nil))
 	a := newAuth(t, r, clockwork.NewFakeClockAt(start))
-	tok := jwt(start.Add(time.Hour))
+	tok := fakeJWT(start.Add(time.Hour))
 	const n = 1000
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
@@ -205,8 +205,8 @@ func TestCacheLifetimeAndOutage(t *testing.T) {
 	r := &fakeReviewer{}
 	r.set(serviceAccount("default", "web", nil))
 	a := newAuth(t, r, clock, func(c *kube.Config) { c.CacheTTL = 10 * time.Minute })
-	short := jwt(start.Add(2 * time.Minute)) // expires before the ceiling
-	long := jwt(start.Add(time.Hour))        // outlives the ceiling
+	short := fakeJWT(start.Add(2 * time.Minute)) // expires before the ceiling
+	long := fakeJWT(start.Add(time.Hour))        // outlives the ceiling
 	auth := func(tok string) error {
 		_, err := a.Authenticate(context.Background(), identity.Credential{Token: tok})
 		return err
@@ -228,7 +228,7 @@ func TestCacheLifetimeAndOutage(t *testing.T) {
 	if err := auth(long); err != nil {
 		t.Fatalf("cached identity refused during an outage: %v", err)
 	}
-	if err := auth(jwt(start.Add(time.Hour))); identity.ReasonOf(err) != identity.ReasonUnavailable {
+	if err := auth(fakeJWT(start.Add(time.Hour))); identity.ReasonOf(err) != identity.ReasonUnavailable {
 		t.Fatalf("new token during an outage: %v, want unavailable", err)
 	}
 
@@ -257,7 +257,7 @@ func TestCacheIsBounded(t *testing.T) {
 	r := &fakeReviewer{}
 	r.set(serviceAccount("default", "web", nil))
 	a := newAuth(t, r, clockwork.NewFakeClockAt(start), func(c *kube.Config) { c.CacheSize = 3 })
-	toks := []string{jwt(start.Add(time.Hour)), jwt(start.Add(time.Hour)), jwt(start.Add(time.Hour)), jwt(start.Add(time.Hour))}
+	toks := []string{fakeJWT(start.Add(time.Hour)), fakeJWT(start.Add(time.Hour)), fakeJWT(start.Add(time.Hour)), fakeJWT(start.Add(time.Hour))}
 	for _, tok := range toks {
 		a.Authenticate(context.Background(), identity.Credential{Token: tok})
 	}
