@@ -9,7 +9,7 @@ FUZZTIME      ?= 60s
 PKGS          := ./...
 # Builds (once, then cached outside the repo) the pinned kube-apiserver and
 # etcd that internal/testenv runs; prints their directory.
-TESTENV       := hack/testenv.sh
+TESTENV       := bash hack/testenv.sh
 
 .PHONY: all build run test test-fast testenv lint bench fuzz clean
 
