@@ -69,6 +69,9 @@ exec 9>"$cache/bin/.lock"
 if command -v flock >/dev/null; then
 	log "waiting for build lock $cache/bin/.lock"
 	flock 9
+	# Holding the lock, no other build is running: temporary directories
+	# left are from builds that were killed, and only waste space.
+	rm -rf "$cache/bin"/.tmp-*
 fi
 if complete; then # another caller built it while we waited
 	log "cached: $bindir"

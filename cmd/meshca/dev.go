@@ -73,6 +73,11 @@ look like Kubernetes service-account tokens. Not for production.`,
 			if err := st.server.Listen(); err != nil {
 				return err
 			}
+			// The banner tells people to use the bundle file: it must exist
+			// before the banner does.
+			if err := writeBundleOnce(st.authority, filepath.Join(o.dataDir, devBundleFile)); err != nil {
+				return err
+			}
 			printDevBanner(cmd.OutOrStdout(), o, st)
 			return st.serve(ctx, filepath.Join(o.dataDir, devBundleFile))
 		},

@@ -185,9 +185,8 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 func writeBundle(ctx context.Context, a *ca.Authority, path string, log *slog.Logger) error {
 	for {
 		changed := a.Changed()
-		data := ca.EncodeCerts(a.Issuer().Roots...)
-		if err := atomicfile.Write(path, data, 0o644); err != nil {
-			return fmt.Errorf("writing trust bundle: %w", err)
+		if err := writeBundleOnce(a, path); err != nil {
+			return err
 		}
 		log.Debug("wrote trust bundle", "path", path)
 		select {
@@ -196,6 +195,13 @@ func writeBundle(ctx context.Context, a *ca.Authority, path string, log *slog.Lo
 		case <-changed:
 		}
 	}
+}
+
+func writeBundleOnce(a *ca.Authority, path string) error {
+	if err := atomicfile.Write(path, ca.EncodeCerts(a.Issuer().Roots...), 0o644); err != nil {
+		return fmt.Errorf("writing trust bundle: %w", err)
+	}
+	return nil
 }
 
 // openDiskKeystore opens the encrypted key directory with a passphrase read
