@@ -2,30 +2,24 @@ package ca_test
 
 // Benchmarks of the signing path, from the bare x509.CreateCertificate call
 // up to (*ca.Authority).Issue. The gRPC round trip is benchmarked in
-// internal/loadgen. Identifiers here are prefixed with "bench" so they never
-// collide with helpers of the package's other test files.
+// internal/loadgen.
 
 import (
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"encoding/pem"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/meshca/meshca/ca"
-	"github.com/meshca/meshca/keystore/memory"
+	"github.com/meshca/meshca/ca/catest"
+	"github.com/meshca/meshca/internal/benchtest"
 )
-
-var benchID = spiffeid.RequireFromString("spiffe://cluster.local/ns/bench/sa/workload")
 
 // benchFixture is a self-managed P-256 CA on an in-memory keystore, on the
 // real clock, plus a workload key and its CSR. Setting it up costs three key
@@ -39,37 +33,11 @@ type benchFixture struct {
 
 func newBenchFixture(b *testing.B) *benchFixture {
 	b.Helper()
-	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{
-		TrustDomain: benchID.TrustDomain(),
-		Keys:        memory.New(),
-		JournalPath: filepath.Join(b.TempDir(), "ca-journal.json"),
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	a, err := ca.New(ca.Config{TrustDomain: benchID.TrustDomain(), Source: src})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := a.Init(context.Background()); err != nil {
-		b.Fatal(err)
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		b.Fatal(err)
-	}
+	a := catest.NewAuthority(b, nil)
+	key := newKey(b)
 	// An empty request, as caclient and Istio's agent send: the identity
 	// comes from the token.
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return &benchFixture{
-		auth:   a,
-		issuer: a.Issuer(),
-		key:    key,
-		csrPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}),
-	}
+	return &benchFixture{auth: a, issuer: a.Issuer(), key: key, csrPEM: csrPEM(b, key, nil)}
 }
 
 // leafTemplate is the SVID template the authority would build, with a fixed
@@ -81,32 +49,12 @@ func (f *benchFixture) leafTemplate(b *testing.B) *x509.Certificate {
 		b.Fatal(err)
 	}
 	now := time.Now()
-	tmpl, err := ca.LeafTemplate(benchID, f.key.Public(), serial,
+	tmpl, err := ca.LeafTemplate(workload, f.key.Public(), serial,
 		ca.Validity{NotBefore: now.Add(-ca.Backdate), NotAfter: now.Add(time.Hour)})
 	if err != nil {
 		b.Fatal(err)
 	}
 	return tmpl
-}
-
-// benchBoth runs op once per iteration on one goroutine ("sequential") and
-// on GOMAXPROCS goroutines ("parallel"), whose ns/op is wall time divided by
-// operations, i.e. the inverse of the machine's throughput.
-func benchBoth(b *testing.B, op func(b *testing.B)) {
-	b.Run("sequential", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			op(b)
-		}
-	})
-	b.Run("parallel", func(b *testing.B) {
-		b.ReportAllocs()
-		b.RunParallel(func(pb *testing.PB) {
-			for pb.Next() {
-				op(b)
-			}
-		})
-	})
 }
 
 // BenchmarkCreateCertificateP256 is the baseline: the bare library call that
@@ -115,7 +63,7 @@ func benchBoth(b *testing.B, op func(b *testing.B)) {
 func BenchmarkCreateCertificateP256(b *testing.B) {
 	f := newBenchFixture(b)
 	tmpl := f.leafTemplate(b)
-	benchBoth(b, func(b *testing.B) {
+	benchtest.SequentialAndParallel(b, func(b *testing.B) {
 		if _, err := x509.CreateCertificate(rand.Reader, tmpl, f.issuer.Cert, f.key.Public(), f.issuer.Signer); err != nil {
 			b.Error(err)
 		}
@@ -127,8 +75,8 @@ func BenchmarkCreateCertificateP256(b *testing.B) {
 func BenchmarkSignKey(b *testing.B) {
 	f := newBenchFixture(b)
 	ctx := context.Background()
-	benchBoth(b, func(b *testing.B) {
-		if _, err := f.auth.SignKey(ctx, f.key.Public(), benchID, 0); err != nil {
+	benchtest.SequentialAndParallel(b, func(b *testing.B) {
+		if _, err := f.auth.SignKey(ctx, f.key.Public(), workload, 0); err != nil {
 			b.Error(err)
 		}
 	})
@@ -139,8 +87,8 @@ func BenchmarkSignKey(b *testing.B) {
 func BenchmarkIssue(b *testing.B) {
 	f := newBenchFixture(b)
 	ctx := context.Background()
-	req := ca.Request{CSR: f.csrPEM, ID: benchID}
-	benchBoth(b, func(b *testing.B) {
+	req := ca.Request{CSR: f.csrPEM, ID: workload}
+	benchtest.SequentialAndParallel(b, func(b *testing.B) {
 		if _, err := f.auth.Issue(ctx, req); err != nil {
 			b.Error(err)
 		}
@@ -233,7 +181,7 @@ func BenchmarkIssueSteps(b *testing.B) {
 	// signature check. The intermediate itself is verified against the
 	// roots once, when the authority installs it (Issuer.Verify), so this is
 	// what a per-issuer cache of that result would cost per issuance.
-	interBundle := x509bundle.FromX509Authorities(benchID.TrustDomain(), f.issuer.Chain[:1])
+	interBundle := x509bundle.FromX509Authorities(workload.TrustDomain(), f.issuer.Chain[:1])
 	b.Run("VerifyChain/leaf-only", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {

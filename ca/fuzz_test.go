@@ -13,25 +13,19 @@ import (
 	"errors"
 	"net"
 	"net/url"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/jonboulle/clockwork"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshca/meshca/ca"
-	"github.com/meshca/meshca/keystore/memory"
+	"github.com/meshca/meshca/ca/catest"
 )
 
-var (
-	fuzzTD     = spiffeid.RequireTrustDomainFromString("cluster.local")
-	fuzzCaller = spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/web")
-	// fuzzNow has a sub-second part on purpose: certificates carry whole
-	// seconds, and a real clock almost never sits on a second boundary.
-	fuzzNow = time.Date(2026, 3, 1, 12, 0, 0, 500_000_000, time.UTC)
-)
+// fuzzNow has a sub-second part on purpose: certificates carry whole
+// seconds, and a real clock almost never sits on a second boundary.
+var fuzzNow = time.Date(2026, 3, 1, 12, 0, 0, 500_000_000, time.UTC)
 
 // Problems each stage may report; anything else is a bug.
 var (
@@ -71,10 +65,10 @@ func FuzzParseCSR(f *testing.F) {
 			}
 		}
 
-		if err := ca.CheckCSR(csr, fuzzCaller); err != nil {
+		if err := ca.CheckCSR(csr, workload); err != nil {
 			fuzzRequireCSRError(t, "CheckCSR", err, fuzzCheckProblems)
 			// Issue must refuse the same input with the same problem.
-			_, ierr := auth.Issue(context.Background(), ca.Request{CSR: data, ID: fuzzCaller})
+			_, ierr := auth.Issue(context.Background(), ca.Request{CSR: data, ID: workload})
 			var want, got *ca.CSRError
 			errors.As(err, &want)
 			if !errors.As(ierr, &got) || got.Problem != want.Problem {
@@ -93,21 +87,21 @@ func FuzzParseCSR(f *testing.F) {
 		switch len(csr.URIs) {
 		case 0:
 		case 1:
-			if csr.URIs[0].String() != fuzzCaller.String() {
-				t.Fatalf("CheckCSR accepted URI SAN %q for caller %s", csr.URIs[0], fuzzCaller)
+			if csr.URIs[0].String() != workload.String() {
+				t.Fatalf("CheckCSR accepted URI SAN %q for caller %s", csr.URIs[0], workload)
 			}
 		default:
 			t.Fatalf("CheckCSR accepted %d URI SANs", len(csr.URIs))
 		}
 
 		// And a real authority signs it, with the caller's identity only.
-		issued, err := auth.Issue(context.Background(), ca.Request{CSR: data, ID: fuzzCaller})
+		issued, err := auth.Issue(context.Background(), ca.Request{CSR: data, ID: workload})
 		if err != nil {
 			t.Fatalf("CSR passed ParseCSR and CheckCSR but Issue failed: %v", err)
 		}
 		leaf := issued.Leaf()
-		if len(leaf.URIs) != 1 || leaf.URIs[0].String() != fuzzCaller.String() {
-			t.Fatalf("leaf URI SANs are %v, want exactly [%s]", leaf.URIs, fuzzCaller)
+		if len(leaf.URIs) != 1 || leaf.URIs[0].String() != workload.String() {
+			t.Fatalf("leaf URI SANs are %v, want exactly [%s]", leaf.URIs, workload)
 		}
 		if len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
 			t.Fatalf("leaf carries extra SANs: %v %v %v", leaf.DNSNames, leaf.IPAddresses, leaf.EmailAddresses)
@@ -145,23 +139,7 @@ func fuzzKeysEqual(a, b crypto.PublicKey) bool {
 // fuzzAuthority is a self-managed CA on an in-memory keystore whose clock
 // stands still, so it never needs renewing while the fuzzer runs.
 func fuzzAuthority(tb testing.TB) *ca.Authority {
-	tb.Helper()
-	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{
-		TrustDomain: fuzzTD,
-		Keys:        memory.New(),
-		JournalPath: filepath.Join(tb.TempDir(), "ca-journal.json"),
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	a, err := ca.New(ca.Config{TrustDomain: fuzzTD, Source: src, Clock: clockwork.NewFakeClockAt(fuzzNow)})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := a.Init(context.Background()); err != nil {
-		tb.Fatal(err)
-	}
-	return a
+	return catest.NewAuthority(tb, clockwork.NewFakeClockAt(fuzzNow))
 }
 
 // fuzzCSRSeeds are fresh examples of what the committed corpus holds:
@@ -173,7 +151,7 @@ func fuzzCSRSeeds(tb testing.TB) [][]byte {
 	p224 := fuzzGenerate(tb, func() (crypto.Signer, error) { return ecdsa.GenerateKey(elliptic.P224(), rand.Reader) })
 	rsa2048 := fuzzGenerate(tb, func() (crypto.Signer, error) { return rsa.GenerateKey(rand.Reader, 2048) })
 
-	own, err := url.Parse(fuzzCaller.String())
+	own, err := url.Parse(workload.String())
 	if err != nil {
 		tb.Fatal(err)
 	}

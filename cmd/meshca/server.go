@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -35,14 +36,14 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				return err
 			}
 			ctx := cmd.Context()
-			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: defaultPath(o.dataDir, "ca-journal.json"), log: log}
+			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"), log: log}
 			if o.ca.caDir == "" {
 				if o.keystore != "disk" {
 					return fmt.Errorf("--keystore must be disk, not %q", o.keystore)
 				}
 				dir := o.keystoreDir
 				if dir == "" {
-					dir = defaultPath(o.dataDir, "keys")
+					dir = filepath.Join(o.dataDir, "keys")
 				}
 				if c.keys, err = openDiskKeystore(dir, o.passphraseFile, log); err != nil {
 					return err

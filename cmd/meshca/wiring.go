@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -217,5 +216,3 @@ func openDiskKeystore(dir, passphraseFile string, log *slog.Logger) (*disk.Store
 	defer clear(pass)
 	return disk.New(disk.Config{Dir: dir, Passphrase: bytes.TrimRight(pass, "\r\n"), Logger: log})
 }
-
-func defaultPath(dataDir, name string) string { return filepath.Join(dataDir, name) }

@@ -33,11 +33,11 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
 	"github.com/meshca/meshca/internal/certservice"
 	"github.com/meshca/meshca/internal/server"
-	"github.com/meshca/meshca/keystore/memory"
 )
 
 var (
@@ -73,17 +73,7 @@ func newHarness(t *testing.T, opts ...option) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{TrustDomain: td, Keys: memory.New(), JournalPath: filepath.Join(t.TempDir(), "j.json")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	authority, err := ca.New(ca.Config{TrustDomain: td, Source: src, Clock: h.clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := authority.Init(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	authority := catest.NewAuthority(t, h.clock)
 	h.bundle = authority.Issuer()
 	h.authn, h.issuer = h.tokens, authority
 	for _, o := range opts {

@@ -30,20 +30,17 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
 	"github.com/meshca/meshca/internal/certservice"
-	"github.com/meshca/meshca/keystore/memory"
 )
 
-var (
-	fuzzTD = spiffeid.RequireTrustDomainFromString("cluster.local")
-	// fuzzNow is where both clocks stand still: tokens never expire and the
-	// CA never renews while the fuzzer runs. It has a sub-second part on
-	// purpose: certificates carry whole seconds, and a real clock almost
-	// never sits on a second boundary.
-	fuzzNow = time.Date(2026, 3, 1, 12, 0, 0, 500_000_000, time.UTC)
-)
+// fuzzNow is where both clocks stand still: tokens never expire and the
+// CA never renews while the fuzzer runs. It has a sub-second part on
+// purpose: certificates carry whole seconds, and a real clock almost
+// never sits on a second boundary.
+var fuzzNow = time.Date(2026, 3, 1, 12, 0, 0, 500_000_000, time.UTC)
 
 // fuzzAllowedCodes are the only codes bad input may produce. Internal or
 // Unknown for anything a caller can send is a bug.
@@ -232,25 +229,13 @@ func fuzzNewEnv(tb testing.TB) *fuzzEnv {
 	clock := clockwork.NewFakeClockAt(fuzzNow)
 	dir := tb.TempDir()
 
-	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{
-		TrustDomain: fuzzTD, Keys: memory.New(), JournalPath: filepath.Join(dir, "ca-journal.json"),
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	authority, err := ca.New(ca.Config{TrustDomain: fuzzTD, Source: src, Clock: clock, Logger: quietLog})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := authority.Init(context.Background()); err != nil {
-		tb.Fatal(err)
-	}
+	authority := catest.NewAuthority(tb, clock)
 
 	keyFile := filepath.Join(dir, "devtoken.pem")
 	if err := os.WriteFile(keyFile, fuzzDevtokenKeyPEM(tb), 0o600); err != nil {
 		tb.Fatal(err)
 	}
-	tokens, err := devtoken.New(devtoken.Config{KeyFile: keyFile, TrustDomain: fuzzTD, Clock: clock, Logger: quietLog})
+	tokens, err := devtoken.New(devtoken.Config{KeyFile: keyFile, TrustDomain: td, Clock: clock, Logger: quietLog})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshca/meshca/internal/benchtest"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
@@ -85,20 +87,7 @@ func BenchmarkCreateCertificateRPC(b *testing.B) {
 	}
 	call(b) // connect outside the timed loop: the handshake is not per request
 
-	b.Run("sequential", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			call(b)
-		}
-	})
-	b.Run("parallel", func(b *testing.B) {
-		b.ReportAllocs()
-		b.RunParallel(func(p *testing.PB) {
-			for p.Next() {
-				call(b)
-			}
-		})
-	})
+	benchtest.SequentialAndParallel(b, call)
 }
 
 // BenchmarkFetch is caclient.Fetch: everything a workload pays for a
@@ -120,18 +109,5 @@ func BenchmarkFetch(b *testing.B) {
 	}
 	fetch(b)
 
-	b.Run("sequential", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			fetch(b)
-		}
-	})
-	b.Run("parallel", func(b *testing.B) {
-		b.ReportAllocs()
-		b.RunParallel(func(p *testing.PB) {
-			for p.Next() {
-				fetch(b)
-			}
-		})
-	})
+	benchtest.SequentialAndParallel(b, fetch)
 }

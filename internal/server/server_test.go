@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,28 +15,9 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/internal/server"
-	"github.com/meshca/meshca/keystore/memory"
 )
-
-var td = spiffeid.RequireTrustDomainFromString("cluster.local")
-
-func newAuthority(t *testing.T, clock clockwork.Clock) *ca.Authority {
-	t.Helper()
-	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{TrustDomain: td, Keys: memory.New(), JournalPath: filepath.Join(t.TempDir(), "j.json")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := ca.New(ca.Config{TrustDomain: td, Source: src, Clock: clock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Init(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	return a
-}
 
 func start(t *testing.T, cfg server.Config) *server.Server {
 	t.Helper()
@@ -76,7 +56,7 @@ func get(t *testing.T, url string) (int, string) {
 
 func TestReadyzReportsEachCheck(t *testing.T) {
 	ready := errors.New("still loading")
-	s := start(t, server.Config{CA: newAuthority(t, clockwork.NewRealClock()), Ready: map[string]server.Check{
+	s := start(t, server.Config{CA: catest.NewAuthority(t, clockwork.NewRealClock()), Ready: map[string]server.Check{
 		"ca":    func() error { return nil },
 		"vault": func() error { return ready },
 	}})
@@ -112,7 +92,7 @@ func servingChain(t *testing.T, s *server.Server, clock clockwork.Clock, roots [
 func TestServingCertificateFollowsTheCA(t *testing.T) {
 	// Both ends of the handshake check validity at the fake clock's time.
 	clock := clockwork.NewFakeClockAt(time.Now())
-	a := newAuthority(t, clock)
+	a := catest.NewAuthority(t, clock)
 	s := start(t, server.Config{CA: a, Clock: clock})
 
 	first := servingChain(t, s, clock, a.Issuer().Roots)
