@@ -28,6 +28,9 @@ type Caller struct {
 	ID             spiffeid.ID
 	Namespace      string
 	ServiceAccount string
+	// ServiceAccountUID tells a service account from a later one of the
+	// same name; empty when the authority does not report it.
+	ServiceAccountUID string
 	// Pod binding, when the token was bound to a pod.
 	PodName  string
 	PodUID   string
@@ -59,7 +62,13 @@ const (
 	ReasonWrongAudience     Reason = "wrong-audience"
 	ReasonNotServiceAccount Reason = "not-service-account"
 	ReasonUnknownPod        Reason = "unknown-pod"
-	ReasonUnknownCluster    Reason = "unknown-cluster"
+	// ReasonNotPodBound: policy requires a pod-bound token and this one is
+	// bound to no pod.
+	ReasonNotPodBound Reason = "not-pod-bound"
+	// ReasonUnknownServiceAccount: the token's service account has been
+	// deleted (or replaced by another of the same name).
+	ReasonUnknownServiceAccount Reason = "unknown-service-account"
+	ReasonUnknownCluster        Reason = "unknown-cluster"
 	// ReasonUnavailable means the credential could not be checked at all,
 	// for example because the token authority is unreachable.
 	ReasonUnavailable Reason = "authority-unavailable"

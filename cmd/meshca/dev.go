@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
 )
 
@@ -31,6 +32,7 @@ const (
 type devOptions struct {
 	ca      caOptions
 	listen  listenOptions
+	kube    kubeOptions
 	dataDir string
 }
 
@@ -61,12 +63,18 @@ look like Kubernetes service-account tokens. Not for production.`,
 			if err != nil {
 				return err
 			}
-			authn, err := newDevAuthority(o.ca.trustDomain, filepath.Join(o.dataDir, devTokenKeyFile), log)
+			reg := newRegistry()
+			var authn identity.Authenticator
+			if o.kube.kubeconfig != "" {
+				authn, err = o.kube.build(ctx, o.ca.trustDomain, o.listen.namespace, reg, log)
+			} else {
+				authn, err = newDevAuthority(o.ca.trustDomain, filepath.Join(o.dataDir, devTokenKeyFile), log)
+			}
 			if err != nil {
 				return err
 			}
 			st, err := buildStack(ctx, stackConfig{ca: o.ca, listen: o.listen, keys: keys,
-				journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, log: log})
+				journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, registry: reg, log: log})
 			if err != nil {
 				return err
 			}
@@ -86,6 +94,7 @@ look like Kubernetes service-account tokens. Not for production.`,
 	o.ca.bind(fs)
 	o.listen.bind(fs, "127.0.0.1", []string{"localhost"}, []string{"127.0.0.1", "::1"})
 	fs.StringVar(&o.dataDir, "data-dir", ".meshca-dev", "directory for all development state")
+	o.kube.bind(fs, "authenticate workloads with TokenReview in this cluster instead of the development token issuer", false)
 	cmd.AddCommand(newDevTokenCommand())
 	return cmd
 }
@@ -118,9 +127,15 @@ func printDevBanner(w io.Writer, o *devOptions, st *stack) {
 	}
 	bundle := filepath.Join(o.dataDir, devBundleFile)
 	root := st.authority.Issuer().Roots[0]
+	tokens := "tokens come from a local development\nissuer, and the keystore passphrase sits next to the keys"
+	mint := fmt.Sprintf("%s dev token --data-dir %s --namespace default --service-account web > web.token", self, o.dataDir)
+	if o.kube.kubeconfig != "" {
+		tokens = "tokens are reviewed by the cluster of\n" + o.kube.kubeconfig + ", and the keystore passphrase sits next to the keys"
+		mint = fmt.Sprintf("kubectl --kubeconfig %s -n default create token web --audience %s > web.token",
+			o.kube.kubeconfig, strings.Join(o.kube.audiences, ","))
+	}
 	fmt.Fprintf(w, `
-meshca dev is running. DEVELOPMENT MODE: tokens come from a local development
-issuer, and the keystore passphrase sits next to the keys. Not for production.
+meshca dev is running. DEVELOPMENT MODE: %s. Not for production.
 
   trust domain   %s
   CA API         %s   (istio.v1.auth.IstioCertificateService/CreateCertificate, TLS)
@@ -129,7 +144,7 @@ issuer, and the keystore passphrase sits next to the keys. Not for production.
 
 Get a certificate for service account "web" in namespace "default":
 
-  %s dev token --data-dir %s --namespace default --service-account web > web.token
+  %s
   %s cert --addr %s --ca-bundle %s --token-file web.token --out web-certs
 
 and look at it:
@@ -138,9 +153,9 @@ and look at it:
 
 Stop with Ctrl-C; state is kept in %s.
 
-`, st.authority.TrustDomain(), st.server.GRPCAddr(), st.server.MonitorAddr(),
+`, tokens, st.authority.TrustDomain(), st.server.GRPCAddr(), st.server.MonitorAddr(),
 		bundle, ca.Fingerprint(root)[:16], root.NotAfter.Format(time.RFC3339),
-		self, o.dataDir, self, st.server.GRPCAddr(), bundle, o.dataDir)
+		mint, self, st.server.GRPCAddr(), bundle, o.dataDir)
 }
 
 func newDevTokenCommand() *cobra.Command {

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"path/filepath"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -20,6 +22,7 @@ type serverOptions struct {
 	keystoreDir    string
 	passphraseFile string
 	authenticator  string
+	kube           kubeOptions
 	devTokenKey    string
 	bundleOut      string
 }
@@ -36,7 +39,12 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				return err
 			}
 			ctx := cmd.Context()
-			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"), log: log}
+			// In a pod, meshca's namespace is the pod's unless told otherwise.
+			if in := inClusterNamespace(); in != "" && !cmd.Flags().Changed("namespace") {
+				o.listen.namespace = in
+			}
+			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"),
+				registry: newRegistry(), log: log}
 			if o.ca.caDir == "" {
 				if o.keystore != "disk" {
 					return fmt.Errorf("--keystore must be disk, not %q", o.keystore)
@@ -49,7 +57,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 					return err
 				}
 			}
-			if c.authn, err = o.buildAuthenticator(o.ca.trustDomain, log); err != nil {
+			if c.authn, err = o.buildAuthenticator(ctx, c.registry, log); err != nil {
 				return err
 			}
 			st, err := buildStack(ctx, c)
@@ -66,21 +74,24 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	fs.StringVar(&o.keystore, "keystore", "disk", "where CA keys live: disk")
 	fs.StringVar(&o.keystoreDir, "keystore-dir", "", "disk keystore directory (default <data-dir>/keys)")
 	fs.StringVar(&o.passphraseFile, "keystore-passphrase-file", "", "file holding the disk keystore's passphrase")
-	fs.StringVar(&o.authenticator, "authenticator", "dev", "how workload tokens are verified: dev (meshca's development token issuer)")
+	fs.StringVar(&o.authenticator, "authenticator", "kube", "how workload tokens are verified: kube (Kubernetes TokenReview) or dev (meshca's development token issuer)")
+	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")
 	fs.StringVar(&o.bundleOut, "bundle-out", "", "write the trust bundle (PEM) to this file and keep it current")
 	return cmd
 }
 
-func (o *serverOptions) buildAuthenticator(td string, log *slog.Logger) (identity.Authenticator, error) {
+func (o *serverOptions) buildAuthenticator(ctx context.Context, reg prometheus.Registerer, log *slog.Logger) (identity.Authenticator, error) {
 	switch o.authenticator {
+	case "kube":
+		return o.kube.build(ctx, o.ca.trustDomain, o.listen.namespace, reg, log)
 	case "dev":
 		if o.devTokenKey == "" {
 			return nil, fmt.Errorf("--authenticator=dev needs --dev-token-key")
 		}
-		return newDevAuthority(td, o.devTokenKey, log)
+		return newDevAuthority(o.ca.trustDomain, o.devTokenKey, log)
 	default:
-		return nil, fmt.Errorf("--authenticator must be dev, not %q", o.authenticator)
+		return nil, fmt.Errorf("--authenticator must be kube or dev, not %q", o.authenticator)
 	}
 }
 

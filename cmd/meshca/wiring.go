@@ -72,6 +72,7 @@ type stack struct {
 	authority *ca.Authority
 	server    *server.Server
 	registry  *prometheus.Registry
+	authn     identity.Authenticator
 	log       *slog.Logger
 }
 
@@ -81,7 +82,27 @@ type stackConfig struct {
 	keys        ca.KeyStore // used when ca.caDir is empty
 	journalPath string
 	authn       identity.Authenticator
-	log         *slog.Logger
+	// registry holds the metrics; nil makes a new one.
+	registry *prometheus.Registry
+	log      *slog.Logger
+}
+
+// newRegistry returns a metrics registry with the Go runtime's and the
+// process's metrics.
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// runner is an authenticator with informers or watches to run.
+type runner interface {
+	Run(ctx context.Context) error
+}
+
+// readier is an authenticator that is not ready at once.
+type readier interface {
+	Ready() error
 }
 
 func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
@@ -89,8 +110,10 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--trust-domain: %w", err)
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := c.registry
+	if reg == nil {
+		reg = newRegistry()
+	}
 
 	var src ca.Source
 	if c.ca.caDir != "" {
@@ -137,6 +160,15 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		}
 		ips = append(ips, ip)
 	}
+	ready := map[string]server.Check{"ca": func() error {
+		if !authority.Ready() {
+			return ca.ErrNotReady
+		}
+		return nil
+	}}
+	if r, ok := c.authn.(readier); ok {
+		ready["identity"] = r.Ready
+	}
 	srv, err := server.New(server.Config{
 		GRPCAddr:       c.listen.grpcAddr,
 		MonitorAddr:    c.listen.monitorAddr,
@@ -146,19 +178,14 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		IPs:            ips,
 		Services:       []server.Service{svc},
 		MaxRecvMsgSize: certservice.MaxRequestBytes,
-		Ready: map[string]server.Check{"ca": func() error {
-			if !authority.Ready() {
-				return ca.ErrNotReady
-			}
-			return nil
-		}},
-		Gatherer: reg,
-		Logger:   c.log,
+		Ready:          ready,
+		Gatherer:       reg,
+		Logger:         c.log,
 	})
 	if err != nil {
 		return nil, err
 	}
-	return &stack{authority: authority, server: srv, registry: reg, log: c.log}, nil
+	return &stack{authority: authority, server: srv, registry: reg, authn: c.authn, log: c.log}, nil
 }
 
 // run serves until ctx ends. bundlePath, when set, receives the trust
@@ -174,6 +201,9 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.authority.Run(ctx) })
 	g.Go(func() error { return s.server.Serve(ctx) })
+	if r, ok := s.authn.(runner); ok {
+		g.Go(func() error { return r.Run(ctx) })
+	}
 	if bundlePath != "" {
 		g.Go(func() error { return writeBundle(ctx, s.authority, bundlePath, s.log) })
 	}

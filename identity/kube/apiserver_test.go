@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +12,9 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/kube"
@@ -20,20 +24,57 @@ import (
 // These tests run against a real kube-apiserver: tokens minted with the
 // TokenRequest API, reviewed with the TokenReview API.
 
-func newRealAuth(t *testing.T, env *testenv.Kube) *kube.Authenticator {
+// newCluster returns a running cluster authenticator (binding checks on)
+// acting as the admin, and the registry holding its metrics.
+func newCluster(t *testing.T, env *testenv.Kube, mod ...func(*kube.ClusterConfig)) *kube.Cluster {
 	t.Helper()
-	a, err := kube.New(kube.Config{TrustDomain: td, Reviewer: env.Clientset().AuthenticationV1().TokenReviews()})
+	cfg := kube.ClusterConfig{ID: "Kubernetes", REST: env.Config(), TrustDomain: td}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	c, err := kube.NewCluster(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return a
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
+	defer wcancel()
+	if err := c.WaitForSync(wctx); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// eventually polls f until it returns nil or a minute passes: informers
+// learn of deletions through a watch, a moment after the API call returns.
+func eventually(t *testing.T, what string, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still %v after a minute", what, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 func TestAgainstAPIServer(t *testing.T) {
 	env := testenv.StartKube(t)
 	env.CreateServiceAccount(t, "shop", "cart")
 	pod := env.CreatePod(t, "shop", "cart-0", "cart")
-	a := newRealAuth(t, env)
+	a := newCluster(t, env)
 	ctx := context.Background()
 
 	t.Run("pod-bound token", func(t *testing.T) {
@@ -92,6 +133,107 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Fatalf("the API server saw %v TokenReviews, want exactly 1", got)
 		}
 	})
+	t.Run("expired token", func(t *testing.T) {
+		sa := getSA(t, env, "shop", "cart")
+		// Past the API server's one-minute leeway.
+		tok := env.SignToken(t, sa, []string{"meshca"}, nil, time.Now().Add(-time.Hour), time.Now().Add(-5*time.Minute))
+		_, err := a.Authenticate(ctx, identity.Credential{Token: tok})
+		if identity.ReasonOf(err) != identity.ReasonExpired {
+			t.Fatalf("err = %v, want expired", err)
+		}
+		// The same key and claims, unexpired: only the expiry was wrong.
+		tok = env.SignToken(t, sa, []string{"meshca"}, nil, time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
+		if _, err := a.Authenticate(ctx, identity.Credential{Token: tok}); err != nil {
+			t.Fatalf("control token refused: %v", err)
+		}
+	})
+	t.Run("token of a user, not a service account", func(t *testing.T) {
+		// Static tokens carry no audience, so the API server accepts one
+		// only for its own audience.
+		own := newCluster(t, env, func(c *kube.ClusterConfig) { c.Audiences = []string{"meshca", testenv.Issuer} })
+		_, err := own.Authenticate(ctx, identity.Credential{Token: env.AdminToken()})
+		if identity.ReasonOf(err) != identity.ReasonNotServiceAccount || !strings.Contains(err.Error(), `"testenv-admin"`) {
+			t.Fatalf("err = %v, want not a service account", err)
+		}
+		if _, err := a.Authenticate(ctx, identity.Credential{Token: env.AdminToken()}); identity.ReasonOf(err) != identity.ReasonInvalid {
+			t.Fatalf("with meshca's audience only: err = %v, want invalid", err)
+		}
+	})
+	t.Run("pod-bound tokens required", func(t *testing.T) {
+		strict := newCluster(t, env, func(c *kube.ClusterConfig) { c.RequirePodBound = true })
+		_, err := strict.Authenticate(ctx, identity.Credential{Token: env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, nil)})
+		if identity.ReasonOf(err) != identity.ReasonNotPodBound {
+			t.Fatalf("unbound token: err = %v, want not pod-bound", err)
+		}
+		if _, err := strict.Authenticate(ctx, identity.Credential{Token: env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, pod)}); err != nil {
+			t.Fatalf("pod-bound token: %v", err)
+		}
+	})
+	t.Run("deleted pod, then a new pod of the same name", func(t *testing.T) {
+		env.CreatePod(t, "shop", "cart-1", "cart")
+		old := env.CreatePod(t, "shop", "cart-2", "cart")
+		tok := env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, old)
+		if _, err := a.Authenticate(ctx, identity.Credential{Token: tok}); err != nil {
+			t.Fatal(err)
+		}
+		reviews := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
+		env.Delete(t, "pod", "shop", "cart-2")
+		// The review is cached; the informer revokes it.
+		eventually(t, "token of a deleted pod", func() error {
+			_, err := a.Authenticate(ctx, identity.Credential{Token: tok})
+			if identity.ReasonOf(err) != identity.ReasonUnknownPod {
+				return fmt.Errorf("err = %v, want unknown pod", err)
+			}
+			return nil
+		})
+		if got := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"}) - reviews; got != 0 {
+			t.Errorf("revocation took %v TokenReviews, want 0 (the informer knows)", got)
+		}
+		// A deleted pod's token presented in a loop costs at most one GET
+		// to confirm the informer, not one per request.
+		gets := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "pods", "verb": "GET"})
+		for range 20 {
+			if _, err := a.Authenticate(ctx, identity.Credential{Token: tok}); identity.ReasonOf(err) != identity.ReasonUnknownPod {
+				t.Fatalf("err = %v, want unknown pod", err)
+			}
+		}
+		if got := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "pods", "verb": "GET"}) - gets; got > 1 {
+			t.Errorf("20 requests with a deleted pod's token made %v pod GETs, want at most 1", got)
+		}
+		recreated := env.CreatePod(t, "shop", "cart-2", "cart")
+		if recreated.UID == old.UID {
+			t.Fatal("the recreated pod kept its UID")
+		}
+		if _, err := a.Authenticate(ctx, identity.Credential{Token: tok}); identity.ReasonOf(err) != identity.ReasonUnknownPod {
+			t.Fatalf("old pod's token after a new pod took its name: err = %v, want unknown pod", err)
+		}
+		c, err := a.Authenticate(ctx, identity.Credential{Token: env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, recreated)})
+		if err != nil || c.PodUID != string(recreated.UID) {
+			t.Fatalf("new pod's token: %+v, %v", c, err)
+		}
+	})
+	t.Run("deleted service account, then a new one of the same name", func(t *testing.T) {
+		env.CreateServiceAccount(t, "shop", "temp")
+		tok := env.Token(t, "shop", "temp", []string{"meshca"}, time.Hour, nil)
+		c, err := a.Authenticate(ctx, identity.Credential{Token: tok})
+		if err != nil || c.ServiceAccountUID == "" {
+			t.Fatalf("caller %+v, err %v; want the service account's UID", c, err)
+		}
+		env.Delete(t, "serviceaccount", "shop", "temp")
+		eventually(t, "token of a deleted service account", func() error {
+			_, err := a.Authenticate(ctx, identity.Credential{Token: tok})
+			if identity.ReasonOf(err) != identity.ReasonUnknownServiceAccount {
+				return fmt.Errorf("err = %v, want unknown service account", err)
+			}
+			return nil
+		})
+		// The API server's own token cache would still accept the token
+		// for a few seconds; the informer has already revoked it.
+		env.CreateServiceAccount(t, "shop", "temp")
+		if _, err := a.Authenticate(ctx, identity.Credential{Token: tok}); identity.ReasonOf(err) != identity.ReasonUnknownServiceAccount {
+			t.Fatalf("the old account's token for the new account of the same name: err = %v, want unknown service account", err)
+		}
+	})
 	t.Run("API server outage", func(t *testing.T) {
 		cached := env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, nil)
 		fresh := env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, nil)
@@ -110,4 +252,46 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Fatalf("no recovery after the API server returned: %v", err)
 		}
 	})
+}
+
+func getSA(t *testing.T, env *testenv.Kube, ns, name string) *corev1.ServiceAccount {
+	t.Helper()
+	sa, err := env.Clientset().CoreV1().ServiceAccounts(ns).Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sa
+}
+
+func TestStartupAccessCheck(t *testing.T) {
+	env := testenv.StartKube(t)
+	env.CreateServiceAccount(t, "meshca-system", "meshca")
+	ctx := context.Background()
+	check := func() error {
+		c, err := kube.NewCluster(kube.ClusterConfig{ID: "east", REST: env.ConfigFor(t, "meshca-system", "meshca"), TrustDomain: td})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.CheckAccess(ctx)
+	}
+	err := check()
+	if err == nil || !strings.Contains(err.Error(), `cluster "east": meshca's credentials lack permission to create tokenreviews.authentication.k8s.io (cluster-wide), get pods (cluster-wide),`) {
+		t.Fatalf("no permissions: err = %v", err)
+	}
+	env.Grant(t, "meshca-system", "meshca", "system:auth-delegator")
+	err = check()
+	if err == nil || !strings.Contains(err.Error(), "lack permission to get pods (cluster-wide), list pods (cluster-wide), watch pods (cluster-wide), get serviceaccounts (cluster-wide), list serviceaccounts (cluster-wide), watch serviceaccounts (cluster-wide);") {
+		t.Fatalf("with system:auth-delegator: err = %v, want only the informers' permissions missing", err)
+	}
+	_, err = env.Clientset().RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{
+		ObjectMeta: metav1.ObjectMeta{Name: "meshca-binding"},
+		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods", "serviceaccounts"}, Verbs: []string{"get", "list", "watch"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	env.Grant(t, "meshca-system", "meshca", "meshca-binding")
+	if err := check(); err != nil {
+		t.Fatalf("with both roles: %v", err)
+	}
 }

@@ -58,3 +58,12 @@ func (c *cache) put(key string, caller identity.Caller, until time.Time) {
 		delete(c.items, oldest.Value.(*entry).key)
 	}
 }
+
+func (c *cache) remove(key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.items[key]; ok {
+		c.order.Remove(el)
+		delete(c.items, key)
+	}
+}

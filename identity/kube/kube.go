@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -55,8 +56,19 @@ type Config struct {
 	CacheTTL time.Duration
 	// CacheSize bounds the number of cached identities (default 10,000).
 	CacheSize int
-	Clock     clockwork.Clock
-	Logger    *slog.Logger
+	// NoCache reviews every request, concurrent ones included: one API
+	// call per certificate. For comparison and debugging only.
+	NoCache bool
+	// Objects, when set, is asked on every request (cached or not) whether
+	// the token's pod and service account still exist, so deleting either
+	// revokes the identity at once rather than when the cache entry ends.
+	Objects Objects
+	// RequirePodBound refuses tokens not bound to a pod: a token that
+	// leaves its pod is then useless once the pod is gone.
+	RequirePodBound bool
+	Clock           clockwork.Clock
+	Logger          *slog.Logger
+	Metrics         *Metrics
 }
 
 // Authenticator implements identity.Authenticator with TokenReview.
@@ -98,6 +110,9 @@ func New(cfg Config) (*Authenticator, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
 	key := make([]byte, 32)
 	if _, err := rand.Read(key); err != nil {
 		return nil, fmt.Errorf("kube: %w", err)
@@ -106,7 +121,7 @@ func New(cfg Config) (*Authenticator, error) {
 }
 
 // Authenticate reviews cred.Token with the API server, or answers from the
-// cache.
+// cache, then checks that what the token is bound to still exists.
 func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credential) (identity.Caller, error) {
 	if cred.Token == "" {
 		return identity.Caller{}, identity.Deny(identity.ReasonMissing, "no token")
@@ -115,10 +130,30 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 		return identity.Caller{}, identity.Deny(identity.ReasonUnknownCluster, "unknown cluster %q", cred.ClusterID)
 	}
 	key := a.cacheKey(cred.Token)
-	now := a.clock.Now()
-	if c, ok := a.cache.get(key, now); ok {
+	c, err := a.reviewed(ctx, key, cred.Token)
+	if err != nil {
+		return identity.Caller{}, err
+	}
+	if err := a.checkBinding(ctx, &c); err != nil {
+		a.cache.remove(key)
+		return identity.Caller{}, err
+	}
+	return c, nil
+}
+
+// reviewed answers from the cache or, sharing one call among concurrent
+// requests for the same token, from the API server.
+func (a *Authenticator) reviewed(ctx context.Context, key, token string) (identity.Caller, error) {
+	if a.cfg.NoCache {
+		rctx, cancel := context.WithTimeout(ctx, reviewTimeout)
+		defer cancel()
+		return a.review(rctx, token)
+	}
+	if c, ok := a.cache.get(key, a.clock.Now()); ok {
+		a.cfg.Metrics.cache.WithLabelValues(a.cfg.ClusterID, "hit").Inc()
 		return c, nil
 	}
+	a.cfg.Metrics.cache.WithLabelValues(a.cfg.ClusterID, "miss").Inc()
 	v, err, _ := a.flight.Do(key, func() (any, error) {
 		// A concurrent call may have filled the cache while this one waited
 		// to become the leader.
@@ -129,7 +164,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 		// first caller's context.
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), reviewTimeout)
 		defer cancel()
-		c, err := a.review(rctx, cred.Token)
+		c, err := a.review(rctx, token)
 		if err != nil {
 			return identity.Caller{}, err
 		}
@@ -140,6 +175,41 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 		return identity.Caller{}, err
 	}
 	return v.(identity.Caller), nil
+}
+
+// checkBinding enforces the pod-bound policy and, with Objects, that the
+// token's pod and service account are still the ones it was issued for.
+// It fills in the node when the token did not name it.
+func (a *Authenticator) checkBinding(ctx context.Context, c *identity.Caller) error {
+	if a.cfg.RequirePodBound && (c.PodName == "" || c.PodUID == "") {
+		return identity.Deny(identity.ReasonNotPodBound,
+			"token of %s/%s is not bound to a pod, and this server requires pod-bound tokens", c.Namespace, c.ServiceAccount)
+	}
+	if a.cfg.Objects == nil {
+		return nil
+	}
+	if c.ServiceAccountUID != "" {
+		if err := a.cfg.Objects.ServiceAccount(ctx, c.Namespace, c.ServiceAccount, c.ServiceAccountUID); err != nil {
+			return bindingDenial(identity.ReasonUnknownServiceAccount, err)
+		}
+	}
+	if c.PodName != "" {
+		node, err := a.cfg.Objects.Pod(ctx, c.Namespace, c.PodName, c.PodUID)
+		if err != nil {
+			return bindingDenial(identity.ReasonUnknownPod, err)
+		}
+		if c.NodeName == "" {
+			c.NodeName = node
+		}
+	}
+	return nil
+}
+
+func bindingDenial(r identity.Reason, err error) error {
+	if errors.Is(err, ErrGone) {
+		return identity.Deny(r, "%v", err)
+	}
+	return identity.Deny(identity.ReasonUnavailable, "%v", err)
 }
 
 func (a *Authenticator) acceptsCluster(id string) bool {
@@ -167,16 +237,21 @@ func (a *Authenticator) expiry(c identity.Caller, now time.Time) time.Time {
 }
 
 func (a *Authenticator) review(ctx context.Context, token string) (identity.Caller, error) {
+	begin := a.clock.Now()
 	tr, err := a.cfg.Reviewer.Create(ctx, &authnv1.TokenReview{
 		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: a.cfg.Audiences},
 	}, metav1.CreateOptions{})
+	a.cfg.Metrics.latency.WithLabelValues(a.cfg.ClusterID).Observe(a.clock.Since(begin).Seconds())
 	if err != nil {
+		a.cfg.Metrics.reviews.WithLabelValues(a.cfg.ClusterID, "error").Inc()
 		return identity.Caller{}, identity.Deny(identity.ReasonUnavailable, "TokenReview: %v", err)
 	}
 	st := tr.Status
 	if !st.Authenticated {
+		a.cfg.Metrics.reviews.WithLabelValues(a.cfg.ClusterID, "refused").Inc()
 		return identity.Caller{}, classify(st.Error)
 	}
+	a.cfg.Metrics.reviews.WithLabelValues(a.cfg.ClusterID, "authenticated").Inc()
 	// The API server returns the audiences it checked; an empty answer means
 	// it (or a webhook behind it) ignored them, and the token may have been
 	// minted for anyone.
@@ -197,12 +272,14 @@ func (a *Authenticator) review(ctx context.Context, token string) (identity.Call
 		ID:             id,
 		Namespace:      ns,
 		ServiceAccount: sa,
-		PodName:        first(st.User.Extra[extraPodName]),
-		PodUID:         first(st.User.Extra[extraPodUID]),
-		NodeName:       first(st.User.Extra[extraNodeName]),
-		ClusterID:      a.cfg.ClusterID,
-		TokenHash:      identity.HashToken(token),
-		Expiry:         tokenExpiry(token),
+		// For service accounts the API server reports the account's UID.
+		ServiceAccountUID: st.User.UID,
+		PodName:           first(st.User.Extra[extraPodName]),
+		PodUID:            first(st.User.Extra[extraPodUID]),
+		NodeName:          first(st.User.Extra[extraNodeName]),
+		ClusterID:         a.cfg.ClusterID,
+		TokenHash:         identity.HashToken(token),
+		Expiry:            tokenExpiry(token),
 	}, nil
 }
 

@@ -2,17 +2,28 @@ package testenv
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 )
 
 // requestTimeout bounds each helper's API call, so a wedged apiserver fails
@@ -149,4 +160,131 @@ next:
 		}
 	}
 	return sum, nil
+}
+
+// AdminToken returns the static token of the admin user, a user that is not
+// a service account.
+func (k *Kube) AdminToken() string { return k.token }
+
+// SignToken signs a service-account token for sa with the cluster's own
+// signing key, as the TokenRequest API would, but with any validity: the
+// API refuses lifetimes under 10 minutes and times in the past, and tests of
+// expiry need both. A non-nil pod binds the token to it.
+func (k *Kube) SignToken(t testing.TB, sa *corev1.ServiceAccount, audiences []string, pod *corev1.Pod, notBefore, expiry time.Time) string {
+	t.Helper()
+	raw, err := os.ReadFile(k.path("sa.key"))
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	block, _ := pem.Decode(raw)
+	if block == nil {
+		t.Fatalf("testenv: no PEM in the service-account key")
+	}
+	key, err := x509.ParsePKCS1PrivateKey(block.Bytes)
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	// The API server looks a signing key up by the key ID it derives from
+	// the public key.
+	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	sum := sha256.Sum256(der)
+	kid := base64.RawURLEncoding.EncodeToString(sum[:])
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: key}, (&jose.SignerOptions{}).WithType("JWT").WithHeader("kid", kid))
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	type ref struct {
+		Name string `json:"name"`
+		UID  string `json:"uid"`
+	}
+	private := map[string]any{
+		"namespace":      sa.Namespace,
+		"serviceaccount": ref{Name: sa.Name, UID: string(sa.UID)},
+	}
+	if pod != nil {
+		private["pod"] = ref{Name: pod.Name, UID: string(pod.UID)}
+	}
+	tok, err := jwt.Signed(signer).Claims(jwt.Claims{
+		Issuer:    Issuer,
+		Subject:   "system:serviceaccount:" + sa.Namespace + ":" + sa.Name,
+		Audience:  jwt.Audience(audiences),
+		NotBefore: jwt.NewNumericDate(notBefore),
+		IssuedAt:  jwt.NewNumericDate(notBefore),
+		Expiry:    jwt.NewNumericDate(expiry),
+	}).Claims(map[string]any{"kubernetes.io": private}).Serialize()
+	if err != nil {
+		t.Fatalf("testenv: signing a token: %v", err)
+	}
+	return tok
+}
+
+// ConfigFor returns a client configuration that acts as service account
+// ns/sa, holding only the permissions RBAC grants it.
+func (k *Kube) ConfigFor(t testing.TB, ns, sa string) *rest.Config {
+	t.Helper()
+	return &rest.Config{
+		Host:            k.host(),
+		BearerToken:     k.Token(t, ns, sa, nil, time.Hour, nil),
+		TLSClientConfig: rest.TLSClientConfig{CAFile: k.caFile},
+	}
+}
+
+// KubeconfigFor returns a kubeconfig, as bytes with the CA inlined, that
+// acts as service account ns/sa: what a remote-cluster Secret holds.
+func (k *Kube) KubeconfigFor(t testing.TB, ns, sa string) []byte {
+	t.Helper()
+	ca, err := os.ReadFile(k.caFile)
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["c"] = &clientcmdapi.Cluster{Server: k.host(), CertificateAuthorityData: ca}
+	cfg.AuthInfos["u"] = &clientcmdapi.AuthInfo{Token: k.Token(t, ns, sa, nil, time.Hour, nil)}
+	cfg.Contexts["c"] = &clientcmdapi.Context{Cluster: "c", AuthInfo: "u"}
+	cfg.CurrentContext = "c"
+	out, err := clientcmd.Write(*cfg)
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	return out
+}
+
+// Grant binds ClusterRole role to service account ns/sa cluster-wide.
+func (k *Kube) Grant(t testing.TB, ns, sa, role string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	_, err := k.clientset.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: sa + "-"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: ns, Name: sa}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("testenv: binding %s to %s/%s: %v", role, ns, sa, err)
+	}
+}
+
+// Delete deletes an object through the admin clientset and fails the test
+// on error; kind is "pod" or "serviceaccount".
+func (k *Kube) Delete(t testing.TB, kind, ns, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	// No kubelet runs to confirm termination, so pods go at once.
+	opts := metav1.DeleteOptions{GracePeriodSeconds: new(int64)}
+	var err error
+	switch kind {
+	case "pod":
+		err = k.clientset.CoreV1().Pods(ns).Delete(ctx, name, opts)
+	case "serviceaccount":
+		err = k.clientset.CoreV1().ServiceAccounts(ns).Delete(ctx, name, opts)
+	default:
+		t.Fatalf("testenv: Delete: unknown kind %q", kind)
+	}
+	if err != nil {
+		t.Fatalf("testenv: deleting %s %s/%s: %v", kind, ns, name, err)
+	}
 }

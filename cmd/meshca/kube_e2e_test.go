@@ -1,0 +1,133 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshca/meshca/internal/testenv"
+)
+
+// startServer runs `meshca server` in-process with args until the test
+// ends and returns its CA API address, read from its log.
+func startServer(t *testing.T, args ...string) string {
+	t.Helper()
+	logs := &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := newRootCommand(io.Discard, logs)
+	cmd.SetArgs(append([]string{"server", "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0", "--namespace", "meshca-system"}, args...))
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("meshca server: %v", err)
+		}
+	})
+	re := regexp.MustCompile(`msg=serving grpc=(\S+)`)
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		if m := re.FindStringSubmatch(logs.String()); m != nil {
+			return m[1]
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("meshca server exited: %v\n%s", err, logs.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	t.Fatalf("server did not start:\n%s", logs.String())
+	return ""
+}
+
+// serverError runs `meshca server` with args, expecting it to refuse to
+// start, and returns its error.
+func serverError(t *testing.T, args ...string) error {
+	t.Helper()
+	cmd := newRootCommand(io.Discard, io.Discard)
+	cmd.SetArgs(append([]string{"server", "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0", "--namespace", "meshca-system"}, args...))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := cmd.ExecuteContext(ctx)
+	if err == nil {
+		t.Fatalf("meshca server %s started", strings.Join(args, " "))
+	}
+	return err
+}
+
+func writeFile(t *testing.T, name string, data []byte) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestServerWithTokenReview runs `meshca server` the way it runs in
+// production, with TokenReview against a real API server, and the client
+// flow with a token from the TokenRequest API.
+func TestServerWithTokenReview(t *testing.T) {
+	env := testenv.StartKube(t)
+	env.CreateServiceAccount(t, "shop", "cart")
+	pod := env.CreatePod(t, "shop", "cart-0", "cart")
+	dir := t.TempDir()
+	pass := writeFile(t, "pass", []byte("correct horse battery staple"))
+	addr := startServer(t, "--data-dir", dir, "--keystore-passphrase-file", pass, "--kubeconfig", env.Kubeconfig(),
+		"--bundle-out", filepath.Join(dir, "bundle.pem"), "--require-pod-bound")
+
+	tok := writeFile(t, "token", []byte(env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, pod)))
+	out := filepath.Join(t.TempDir(), "cart")
+	printed := meshcaCmd(t, "cert", "--addr", addr, "--ca-bundle", filepath.Join(dir, "bundle.pem"), "--token-file", tok, "--out", out)
+	if !strings.Contains(printed, "spiffe://cluster.local/ns/shop/sa/cart") {
+		t.Fatalf("cert printed %q", printed)
+	}
+	svid, _ := loadSVID(t, out)
+	if svid.ID.String() != "spiffe://cluster.local/ns/shop/sa/cart" {
+		t.Fatalf("SVID ID %s", svid.ID)
+	}
+
+	var errOut bytes.Buffer
+	cmd := newRootCommand(io.Discard, &errOut)
+	unbound := writeFile(t, "unbound", []byte(env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, nil)))
+	cmd.SetArgs([]string{"cert", "--addr", addr, "--ca-bundle", filepath.Join(dir, "bundle.pem"), "--token-file", unbound, "--out", t.TempDir()})
+	err := cmd.ExecuteContext(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "Unauthenticated") || !strings.Contains(err.Error(), "not bound to a pod") {
+		t.Fatalf("unbound token with --require-pod-bound: %v", err)
+	}
+}
+
+func TestServerRefusesToStartWithoutPermissions(t *testing.T) {
+	env := testenv.StartKube(t)
+	env.CreateServiceAccount(t, "meshca-system", "meshca")
+	kc := writeFile(t, "kubeconfig", env.KubeconfigFor(t, "meshca-system", "meshca"))
+	pass := writeFile(t, "pass", []byte("correct horse battery staple"))
+	err := serverError(t, "--data-dir", t.TempDir(), "--keystore-passphrase-file", pass, "--kubeconfig", kc)
+	if !strings.Contains(err.Error(), `cluster "Kubernetes": meshca's credentials lack permission to create tokenreviews.authentication.k8s.io (cluster-wide)`) {
+		t.Fatalf("err = %v, want the missing permission named", err)
+	}
+	env.Grant(t, "meshca-system", "meshca", "system:auth-delegator")
+	err = serverError(t, "--data-dir", t.TempDir(), "--keystore-passphrase-file", pass, "--kubeconfig", kc, "--no-binding-checks")
+	if !strings.Contains(err.Error(), "lack permission to list secrets in namespace meshca-system, watch secrets in namespace meshca-system") ||
+		!strings.Contains(err.Error(), "--remote-secrets=false") {
+		t.Fatalf("err = %v, want the Secrets permission named", err)
+	}
+	// With exactly the permissions asked for, it starts.
+	startServer(t, "--data-dir", t.TempDir(), "--keystore-passphrase-file", pass, "--kubeconfig", kc, "--no-binding-checks", "--remote-secrets=false")
+}
+
+func TestServerOutsideAClusterSaysWhatToDo(t *testing.T) {
+	// Even when the tests themselves run in a pod.
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	pass := writeFile(t, "pass", []byte("correct horse battery staple"))
+	err := serverError(t, "--data-dir", t.TempDir(), "--keystore-passphrase-file", pass)
+	if !strings.Contains(err.Error(), "not running in a Kubernetes cluster and no --kubeconfig given") || !strings.Contains(err.Error(), "meshca dev") {
+		t.Fatalf("err = %v", err)
+	}
+}
