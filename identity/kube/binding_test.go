@@ -105,7 +105,10 @@ func TestBindingRevokesCachedIdentities(t *testing.T) {
 		t.Fatalf("account deleted: err = %v, want unknown service account", err)
 	}
 
-	objs.set(func(f *fakeObjects) { f.sas["shop/cart"] = "sa-1"; f.err = errors.New("informer not synced; GET: connection refused") })
+	objs.set(func(f *fakeObjects) {
+		f.sas["shop/cart"] = "sa-1"
+		f.err = errors.New("informer not synced; GET: connection refused")
+	})
 	if _, err := auth(); identity.ReasonOf(err) != identity.ReasonUnavailable || !strings.Contains(err.Error(), "connection refused") {
 		t.Fatalf("lookup failed: err = %v, want unavailable (fail closed, not unknown)", err)
 	}
