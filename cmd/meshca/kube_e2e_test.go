@@ -16,7 +16,7 @@ import (
 
 // startServer runs `meshca server` in-process with args until the test
 // ends and returns its CA API address, read from its log.
-func startServer(t *testing.T, args ...string) string {
+func startServer(t testing.TB, args ...string) string {
 	t.Helper()
 	logs := &syncBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -61,7 +61,7 @@ func serverError(t *testing.T, args ...string) error {
 	return err
 }
 
-func writeFile(t *testing.T, name string, data []byte) string {
+func writeFile(t testing.TB, name string, data []byte) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), name)
 	if err := os.WriteFile(path, data, 0o600); err != nil {
