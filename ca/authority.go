@@ -34,8 +34,11 @@ type Source interface {
 // Config configures an Authority.
 type Config struct {
 	TrustDomain spiffeid.TrustDomain
-	Source      Source
-	TTL         TTLPolicy // zero value: DefaultTTLPolicy
+	// TrustDomainAliases are former or alternative names of TrustDomain
+	// that CSRs may use; certificates are always issued in TrustDomain.
+	TrustDomainAliases []spiffeid.TrustDomain
+	Source             Source
+	TTL                TTLPolicy // zero value: DefaultTTLPolicy
 	// MaintainInterval is how often Source.Maintain runs (default 10s).
 	MaintainInterval time.Duration
 	Clock            clockwork.Clock
@@ -235,7 +238,7 @@ func (a *Authority) Issue(ctx context.Context, req Request) (*Issued, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := CheckCSR(csr, req.ID); err != nil {
+	if err := CheckCSR(csr, req.ID, a.cfg.TrustDomainAliases...); err != nil {
 		return nil, err
 	}
 	return a.SignKey(ctx, csr.PublicKey, req.ID, req.TTL)

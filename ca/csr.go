@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -47,8 +48,11 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 // CheckCSR enforces what a CSR may ask for: an allowed key, and no identity
 // other than the caller's. The certificate's identity always comes from the
 // authenticated caller; a CSR that names anything else is refused rather
-// than silently corrected, so a misconfigured workload finds out.
-func CheckCSR(csr *x509.CertificateRequest, caller spiffeid.ID) error {
+// than silently corrected, so a misconfigured workload finds out. The one
+// leniency is trust-domain aliases: a workload still configured with a
+// former trust domain may ask for its own path in it, and gets the
+// certificate in the current one.
+func CheckCSR(csr *x509.CertificateRequest, caller spiffeid.ID, aliases ...spiffeid.TrustDomain) error {
 	if err := CheckPublicKey(csr.PublicKey); err != nil {
 		return err
 	}
@@ -59,10 +63,11 @@ func CheckCSR(csr *x509.CertificateRequest, caller spiffeid.ID) error {
 	case 0:
 		return nil
 	case 1:
-		if got := csr.URIs[0].String(); got != caller.String() {
-			return csrErr(CSRIdentity, "CSR asks for %q but the caller is authenticated as %q", truncate(got, 256), caller)
+		got := csr.URIs[0].String()
+		if got == caller.String() || isAlias(got, caller, aliases) {
+			return nil
 		}
-		return nil
+		return csrErr(CSRIdentity, "CSR asks for %q but the caller is authenticated as %q", truncate(got, 256), caller)
 	default:
 		return csrErr(CSRIdentity, "CSR asks for %d URI SANs; at most one, the caller's SPIFFE ID %s, is allowed", len(csr.URIs), caller)
 	}
@@ -94,4 +99,14 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return s[:n] + fmt.Sprintf("...(%d bytes)", len(s))
+}
+
+// isAlias reports whether uri is caller's ID in one of the alias trust
+// domains.
+func isAlias(uri string, caller spiffeid.ID, aliases []spiffeid.TrustDomain) bool {
+	id, err := spiffeid.FromString(uri)
+	if err != nil || id.Path() != caller.Path() {
+		return false
+	}
+	return slices.Contains(aliases, id.TrustDomain())
 }

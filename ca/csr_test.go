@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/meshca/meshca/ca"
 )
 
@@ -55,6 +57,9 @@ func TestParseAndCheckCSR(t *testing.T) {
 			problem: ca.CSRIdentity, msg: `asks for "spiffe://cluster.local/ns/kube-system/sa/admin" but the caller is authenticated as "spiffe://cluster.local/ns/default/sa/web"`},
 		{name: "other trust domain", csr: csrPEM(t, p256, &x509.CertificateRequest{URIs: uris(t, "spiffe://evil.example/ns/default/sa/web")}),
 			problem: ca.CSRIdentity, msg: "spiffe://evil.example/ns/default/sa/web"},
+		{name: "own path in an alias trust domain", csr: csrPEM(t, p256, &x509.CertificateRequest{URIs: uris(t, "spiffe://old.example/ns/default/sa/web")})},
+		{name: "other path in an alias trust domain", csr: csrPEM(t, p256, &x509.CertificateRequest{URIs: uris(t, "spiffe://old.example/ns/default/sa/db")}),
+			problem: ca.CSRIdentity, msg: "spiffe://old.example/ns/default/sa/db"},
 		{name: "two URIs", csr: csrPEM(t, p256, &x509.CertificateRequest{URIs: uris(t, workload.String(), "spiffe://cluster.local/ns/x/sa/y")}),
 			problem: ca.CSRIdentity, msg: "2 URI SANs"},
 		{name: "DNS SAN", csr: csrPEM(t, p256, &x509.CertificateRequest{DNSNames: []string{"web.default.svc"}}), problem: ca.CSRUnsupportedSANs, msg: "1 DNS/IP/email"},
@@ -65,7 +70,7 @@ func TestParseAndCheckCSR(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			csr, err := ca.ParseCSR(tc.csr)
 			if err == nil {
-				err = ca.CheckCSR(csr, workload)
+				err = ca.CheckCSR(csr, workload, spiffeid.RequireTrustDomainFromString("old.example"))
 			}
 			if tc.problem == "" {
 				if err != nil {

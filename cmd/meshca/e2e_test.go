@@ -57,13 +57,13 @@ type devServer struct {
 
 // startDev runs `meshca dev` in-process on free loopback ports until the
 // test ends, and learns its addresses from the banner it prints.
-func startDev(t *testing.T) *devServer {
+func startDev(t *testing.T, args ...string) *devServer {
 	t.Helper()
 	d := &devServer{dataDir: t.TempDir()}
 	out := &syncBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := newRootCommand(out, io.Discard)
-	cmd.SetArgs([]string{"dev", "--data-dir", d.dataDir, "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0"})
+	cmd.SetArgs(append([]string{"dev", "--data-dir", d.dataDir, "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0"}, args...))
 	done := make(chan error, 1)
 	go func() { done <- cmd.ExecuteContext(ctx) }()
 	t.Cleanup(func() {
@@ -90,7 +90,11 @@ func startDev(t *testing.T) *devServer {
 		}
 	}
 	// The banner's own instructions must be what the test runs.
-	for _, want := range []string{"dev token --data-dir " + d.dataDir, "cert --addr " + d.grpcAddr, "DEVELOPMENT MODE"} {
+	mint := "dev token --data-dir " + d.dataDir
+	if len(args) > 0 {
+		mint = "create token web --audience meshca"
+	}
+	for _, want := range []string{mint, "cert --addr " + d.grpcAddr, "DEVELOPMENT MODE"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("banner does not say %q:\n%s", want, out.String())
 		}

@@ -131,3 +131,26 @@ func TestServerOutsideAClusterSaysWhatToDo(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// TestDevWithKubeconfig runs `meshca dev` against a real API server: tokens
+// from the TokenRequest API, reviewed with TokenReview.
+func TestDevWithKubeconfig(t *testing.T) {
+	env := testenv.StartKube(t)
+	env.CreateServiceAccount(t, "default", "web")
+	d := startDev(t, "--kubeconfig", env.Kubeconfig())
+	tok := writeFile(t, "token", []byte(env.Token(t, "default", "web", []string{"meshca"}, time.Hour, nil)))
+	out := filepath.Join(t.TempDir(), "web")
+	printed := meshcaCmd(t, "cert", "--addr", d.grpcAddr, "--ca-bundle", filepath.Join(d.dataDir, "root-cert.pem"), "--token-file", tok, "--out", out)
+	if !strings.Contains(printed, "spiffe://cluster.local/ns/default/sa/web") {
+		t.Fatalf("cert printed %q", printed)
+	}
+	if _, err := os.Stat(filepath.Join(d.dataDir, devTokenKeyFile)); err == nil {
+		t.Error("dev with a kubeconfig created a development token key anyway")
+	}
+	other := writeFile(t, "other", []byte(env.Token(t, "default", "web", []string{"vault"}, time.Hour, nil)))
+	cmd := newRootCommand(io.Discard, io.Discard)
+	cmd.SetArgs([]string{"cert", "--addr", d.grpcAddr, "--ca-bundle", filepath.Join(d.dataDir, "root-cert.pem"), "--token-file", other, "--out", t.TempDir()})
+	if err := cmd.ExecuteContext(context.Background()); err == nil || !strings.Contains(err.Error(), "Unauthenticated") || !strings.Contains(err.Error(), "audiences") {
+		t.Fatalf("token for another audience: %v", err)
+	}
+}

@@ -28,6 +28,7 @@ import (
 // caOptions are the flags shared by `server` and `dev` that shape the CA.
 type caOptions struct {
 	trustDomain     string
+	aliases         []string
 	caDir           string
 	keyType         string
 	rootTTL         time.Duration
@@ -39,6 +40,7 @@ type caOptions struct {
 
 func (o *caOptions) bind(fs *pflag.FlagSet) {
 	fs.StringVar(&o.trustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of the mesh")
+	fs.StringSliceVar(&o.aliases, "trust-domain-aliases", nil, "former or alternative trust domains a CSR may name (the certificate is issued in --trust-domain)")
 	fs.StringVar(&o.caDir, "ca-dir", "", "directory with a plugged-in CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem), reloaded on change; empty: meshca manages its own root")
 	fs.StringVar(&o.keyType, "key-type", string(keystore.ECDSAP256), "key type of the self-managed root and intermediates: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096")
 	fs.DurationVar(&o.rootTTL, "root-ttl", 365*24*time.Hour, "lifetime of a self-managed root")
@@ -110,6 +112,14 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--trust-domain: %w", err)
 	}
+	var aliases []spiffeid.TrustDomain
+	for _, s := range c.ca.aliases {
+		alias, err := spiffeid.TrustDomainFromString(s)
+		if err != nil {
+			return nil, fmt.Errorf("--trust-domain-aliases: %w", err)
+		}
+		aliases = append(aliases, alias)
+	}
 	reg := c.registry
 	if reg == nil {
 		reg = newRegistry()
@@ -132,11 +142,12 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		return nil, err
 	}
 	authority, err := ca.New(ca.Config{
-		TrustDomain: td,
-		Source:      src,
-		TTL:         ca.TTLPolicy{Default: c.ca.leafTTL, Max: c.ca.maxLeafTTL, Coverage: c.ca.coverage},
-		Logger:      c.log,
-		Metrics:     reg,
+		TrustDomain:        td,
+		TrustDomainAliases: aliases,
+		Source:             src,
+		TTL:                ca.TTLPolicy{Default: c.ca.leafTTL, Max: c.ca.maxLeafTTL, Coverage: c.ca.coverage},
+		Logger:             c.log,
+		Metrics:            reg,
 	})
 	if err != nil {
 		return nil, err
