@@ -3,14 +3,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/meshca/meshca/internal/caclient"
 	"github.com/meshca/meshca/internal/testenv"
 )
 
@@ -92,6 +95,44 @@ func TestServerWithTokenReview(t *testing.T) {
 	if svid.ID.String() != "spiffe://cluster.local/ns/shop/sa/cart" {
 		t.Fatalf("SVID ID %s", svid.ID)
 	}
+
+	t.Run("1,000 concurrent CSRs with one token make one TokenReview", func(t *testing.T) {
+		bundle, err := caclient.LoadBundle(filepath.Join(dir, "bundle.pem"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		client, err := caclient.New(caclient.Config{Address: addr, TrustBundle: bundle, Timeout: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer client.Close()
+		tok := env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, pod)
+		reviews := func() float64 {
+			return env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
+		}
+		before := reviews()
+		var wg sync.WaitGroup
+		errs := make(chan error, 1000)
+		for range 1000 {
+			wg.Go(func() {
+				creds, err := client.Fetch(context.Background(), caclient.Request{Token: tok})
+				if err == nil && creds.ID.String() != "spiffe://cluster.local/ns/shop/sa/cart" {
+					err = fmt.Errorf("issued to %s", creds.ID)
+				}
+				errs <- err
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := reviews() - before; got != 1 {
+			t.Fatalf("1,000 certificates cost %v TokenReviews, want 1", got)
+		}
+	})
 
 	var errOut bytes.Buffer
 	cmd := newRootCommand(io.Discard, &errOut)
