@@ -34,7 +34,7 @@ test: lint testenv
 test-fast: testenv
 	bin=$$($(TESTENV) -q) && MESHCA_KUBE_BIN_DIR=$$bin $(GO) test -count=1 $(PKGS)
 
-# kube-apiserver and etcd for internal/testenv: about 5 minutes the first
+# kube-apiserver and etcd for internal/testenv: about 3.5 minutes the first
 # time on 2 cores, milliseconds afterwards. MESHCA_CACHE_DIR moves the cache
 # (default ~/.cache/meshca).
 testenv:

@@ -293,31 +293,9 @@ func grepLines(s, substr string) string {
 func TestServerWithPluggedInCA(t *testing.T) {
 	dir := t.TempDir()
 	fixture := filepath.Join("..", "..", "testdata", "cacerts")
-	logs := &syncBuffer{}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := newRootCommand(io.Discard, logs)
-	cmd.SetArgs([]string{"server", "--ca-dir", fixture, "--data-dir", dir,
+	addr := startServer(t, "--ca-dir", fixture, "--data-dir", dir,
 		"--authenticator", "dev", "--dev-token-key", filepath.Join(dir, "dev-token-key.pem"),
-		"--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0", "--bundle-out", filepath.Join(dir, "bundle.pem")})
-	done := make(chan error, 1)
-	go func() { done <- cmd.ExecuteContext(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("meshca server: %v", err)
-		}
-	}()
-	re := regexp.MustCompile(`msg=serving grpc=(\S+)`)
-	var addr string
-	for i := 0; i < 6000 && addr == ""; i++ {
-		if m := re.FindStringSubmatch(logs.String()); m != nil {
-			addr = m[1]
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if addr == "" {
-		t.Fatalf("server did not start:\n%s", logs.String())
-	}
+		"--bundle-out", filepath.Join(dir, "bundle.pem"))
 	d := &devServer{dataDir: dir, grpcAddr: addr}
 	tokenFile := filepath.Join(dir, "t")
 	os.WriteFile(tokenFile, []byte(meshcaCmd(t, "dev", "token", "--data-dir", dir, "-n", "shop", "-s", "cart")), 0o600)

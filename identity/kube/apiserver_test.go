@@ -53,23 +53,6 @@ func newCluster(t *testing.T, env *testenv.Kube, mod ...func(*kube.ClusterConfig
 	return c
 }
 
-// eventually polls f until it returns nil or a minute passes: informers
-// learn of deletions through a watch, a moment after the API call returns.
-func eventually(t *testing.T, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still %v after a minute", what, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func TestAgainstAPIServer(t *testing.T) {
 	env := testenv.StartKube(t)
 	env.CreateServiceAccount(t, "shop", "cart")
@@ -179,7 +162,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		reviews := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
 		env.Delete(t, "pod", "shop", "cart-2")
 		// The review is cached; the informer revokes it.
-		eventually(t, "token of a deleted pod", func() error {
+		testenv.Eventually(t, "token of a deleted pod", func() error {
 			_, err := a.Authenticate(ctx, identity.Credential{Token: tok})
 			if identity.ReasonOf(err) != identity.ReasonUnknownPod {
 				return fmt.Errorf("err = %v, want unknown pod", err)
@@ -220,7 +203,7 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Fatalf("caller %+v, err %v; want the service account's UID", c, err)
 		}
 		env.Delete(t, "serviceaccount", "shop", "temp")
-		eventually(t, "token of a deleted service account", func() error {
+		testenv.Eventually(t, "token of a deleted service account", func() error {
 			_, err := a.Authenticate(ctx, identity.Credential{Token: tok})
 			if identity.ReasonOf(err) != identity.ReasonUnknownServiceAccount {
 				return fmt.Errorf("err = %v, want unknown service account", err)

@@ -106,7 +106,7 @@ func TestTwoClusters(t *testing.T) {
 	if _, err := secrets.Create(ctx, secret, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "east usable after its Secret appeared", func() error {
+	testenv.Eventually(t, "east usable after its Secret appeared", func() error {
 		c, err := auth(eastTok, "east")
 		if err == nil && (c.ClusterID != "east" || c.ID.String() != "spiffe://cluster.local/ns/shop/sa/cart") {
 			t.Fatalf("caller = %+v", c)
@@ -153,7 +153,7 @@ func TestTwoClusters(t *testing.T) {
 		if err := secrets.Delete(ctx, "remotes", metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, "east gone", func() error {
+		testenv.Eventually(t, "east gone", func() error {
 			if _, err := auth(eastTok, "east"); identity.ReasonOf(err) != identity.ReasonUnknownCluster {
 				return fmt.Errorf("err = %v, want unknown cluster", err)
 			}
@@ -179,18 +179,3 @@ contexts:
   context: {cluster: c, user: u}
 current-context: c
 `
-
-func eventually(t *testing.T, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still %v after a minute", what, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}

@@ -6,7 +6,7 @@
 // The binaries are built from versions pinned in tools/kube by
 // hack/testenv.sh and cached outside the repository; `make test` builds them
 // first and exports MESHCA_KUBE_BIN_DIR. Without that variable StartKube runs
-// the script itself (a cold build takes about 5 minutes). A missing or broken
+// the script itself (a cold build takes about 3.5 minutes). A missing or broken
 // environment fails the test: it never skips, because a skipped
 // Kubernetes test looks exactly like a passing one in CI.
 //
