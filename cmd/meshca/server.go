@@ -25,6 +25,7 @@ type serverOptions struct {
 	kube           kubeOptions
 	devTokenKey    string
 	bundleOut      string
+	sdsRootsOnly   bool
 }
 
 func newServerCommand(g *globalOptions) *cobra.Command {
@@ -44,7 +45,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				o.listen.namespace = in
 			}
 			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"),
-				registry: newRegistry(), log: log}
+				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, log: log}
 			if o.ca.caDir == "" {
 				if o.keystore != "disk" {
 					return fmt.Errorf("--keystore must be disk, not %q", o.keystore)
@@ -78,6 +79,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")
 	fs.StringVar(&o.bundleOut, "bundle-out", "", "write the trust bundle (PEM) to this file and keep it current")
+	fs.BoolVar(&o.sdsRootsOnly, "sds-roots-only", false, "serve only the trust bundle (ROOTCA) over SDS on --grpc-addr, never workload keys (proxies then need the node agent)")
 	return cmd
 }
 

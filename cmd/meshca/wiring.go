@@ -23,6 +23,8 @@ import (
 	"github.com/meshca/meshca/internal/server"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/keystore/disk"
+	"github.com/meshca/meshca/sds"
+	"github.com/meshca/meshca/sds/casource"
 )
 
 // caOptions are the flags shared by `server` and `dev` that shape the CA.
@@ -75,6 +77,8 @@ type stack struct {
 	server    *server.Server
 	registry  *prometheus.Registry
 	authn     identity.Authenticator
+	secrets   *casource.Source
+	sds       *sds.Server
 	log       *slog.Logger
 }
 
@@ -84,6 +88,9 @@ type stackConfig struct {
 	keys        ca.KeyStore // used when ca.caDir is empty
 	journalPath string
 	authn       identity.Authenticator
+	// sdsRootsOnly makes the central SDS service serve only the trust
+	// bundle, never workload keys.
+	sdsRootsOnly bool
 	// registry holds the metrics; nil makes a new one.
 	registry *prometheus.Registry
 	log      *slog.Logger
@@ -159,6 +166,14 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
+	secrets, err := casource.New(casource.Config{Authority: authority, TTL: c.ca.leafTTL, RootsOnly: c.sdsRootsOnly, Logger: c.log})
+	if err != nil {
+		return nil, err
+	}
+	sdsSrv, err := sds.New(sds.Config{Source: secrets, Authenticate: sds.BearerAuthenticator(c.authn), Logger: c.log, Metrics: reg})
+	if err != nil {
+		return nil, err
+	}
 	serverID, err := identity.WorkloadID(td, c.listen.namespace, c.listen.account)
 	if err != nil {
 		return nil, err
@@ -187,7 +202,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		ServerID:       serverID,
 		DNSNames:       c.listen.dnsNames,
 		IPs:            ips,
-		Services:       []server.Service{svc},
+		Services:       []server.Service{svc, sdsSrv},
 		MaxRecvMsgSize: certservice.MaxRequestBytes,
 		Ready:          ready,
 		Gatherer:       reg,
@@ -196,7 +211,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &stack{authority: authority, server: srv, registry: reg, authn: c.authn, log: c.log}, nil
+	return &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv, log: c.log}, nil
 }
 
 // run serves until ctx ends. bundlePath, when set, receives the trust
@@ -212,6 +227,7 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.authority.Run(ctx) })
 	g.Go(func() error { return s.server.Serve(ctx) })
+	g.Go(func() error { return s.secrets.Run(ctx) })
 	if r, ok := s.authn.(runner); ok {
 		g.Go(func() error { return r.Run(ctx) })
 	}

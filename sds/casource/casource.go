@@ -1,0 +1,233 @@
+// Package casource serves SDS secrets straight from the CA, for proxies that
+// talk SDS to meshca server without a node agent ("central mode"): each
+// authenticated proxy gets a key generated here and a certificate for its
+// own identity, renewed before it expires, and every proxy gets the trust
+// bundle, pushed when it changes.
+//
+// In central mode the workload's private key crosses the network (inside
+// the SDS stream's TLS); the node agent, which generates the key next to
+// the proxy, avoids that and is the recommended deployment.
+package casource
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/keystore"
+	"github.com/meshca/meshca/sds"
+)
+
+// Authority is what the source needs from the CA; *ca.Authority is one.
+type Authority interface {
+	Issuer() *ca.Issuer
+	Changed() <-chan struct{}
+	SignKey(ctx context.Context, pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) (*ca.Issued, error)
+}
+
+// Config configures a Source.
+type Config struct {
+	Authority Authority
+	// TTL of the certificates it issues; zero means the CA's default.
+	TTL time.Duration
+	// KeyType of the keys it generates (default ecdsa-p256).
+	KeyType keystore.KeyType
+	// RenewAt is the fraction of a certificate's lifetime after which it
+	// is replaced (default 0.5).
+	RenewAt float64
+	// RetryInterval spaces attempts after a failed signing (default 10s).
+	RetryInterval time.Duration
+	// RootsOnly refuses to serve certificates and keys: only the trust
+	// bundle, which node agents watch.
+	RootsOnly bool
+	Clock         clockwork.Clock
+	Logger        *slog.Logger
+}
+
+// Source implements sds.Source backed by the CA.
+type Source struct {
+	cfg Config
+
+	mu       sync.Mutex
+	watchers map[*watcher]struct{}
+}
+
+var _ sds.Source = (*Source)(nil)
+
+// New validates cfg. Run must run for bundle changes to reach the proxies.
+func New(cfg Config) (*Source, error) {
+	if cfg.Authority == nil {
+		return nil, fmt.Errorf("casource: no authority")
+	}
+	if cfg.KeyType == "" {
+		cfg.KeyType = keystore.ECDSAP256
+	}
+	if cfg.RenewAt <= 0 || cfg.RenewAt >= 1 {
+		cfg.RenewAt = 0.5
+	}
+	if cfg.RetryInterval <= 0 {
+		cfg.RetryInterval = 10 * time.Second
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clockwork.NewRealClock()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Source{cfg: cfg, watchers: make(map[*watcher]struct{})}, nil
+}
+
+// Run follows the CA: on every change of issuer or bundle, each watcher gets
+// the new bundle, and a certificate whose root has left the bundle is
+// replaced at once. A new intermediate alone replaces nothing: the old one
+// stays valid for the leaves it signed, and re-signing every proxy at each
+// intermediate renewal would be a self-inflicted thundering herd.
+func (s *Source) Run(ctx context.Context) error {
+	for {
+		changed := s.cfg.Authority.Changed()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+		iss := s.cfg.Authority.Issuer()
+		s.mu.Lock()
+		ws := make([]*watcher, 0, len(s.watchers))
+		for w := range s.watchers {
+			ws = append(ws, w)
+		}
+		s.mu.Unlock()
+		for _, w := range ws {
+			w.issuerChanged(iss)
+		}
+	}
+}
+
+// Watch implements sds.Source. A proxy that asks for its certificate must
+// have been authenticated: the certificate is for p.ID.
+func (s *Source) Watch(_ context.Context, p sds.Peer, want sds.Want, changed func()) (sds.Watcher, error) {
+	if want.Cert && s.cfg.RootsOnly {
+		return nil, fmt.Errorf("casource: this server serves only %q over SDS; run the node agent for %q", sds.RootsName, sds.CertName)
+	}
+	if want.Cert && p.ID.IsZero() {
+		return nil, fmt.Errorf("casource: a certificate is only served to an authenticated proxy")
+	}
+	w := &watcher{s: s, id: p.ID, cert: want.Cert, changed: changed}
+	iss := s.cfg.Authority.Issuer()
+	if iss == nil {
+		return nil, ca.ErrNotReady
+	}
+	w.snap = &sds.Snapshot{Roots: iss.Roots}
+	if want.Cert {
+		// The first certificate is signed here, so a proxy's first response
+		// carries it; later ones come from the timer.
+		if err := w.renew(); err != nil {
+			w.Close()
+			return nil, err
+		}
+	}
+	s.mu.Lock()
+	s.watchers[w] = struct{}{}
+	s.mu.Unlock()
+	return w, nil
+}
+
+type watcher struct {
+	s       *Source
+	id      spiffeid.ID
+	cert    bool
+	changed func()
+
+	mu     sync.Mutex
+	snap   *sds.Snapshot
+	root   *x509.Certificate // that snap's leaf chains to
+	timer  clockwork.Timer
+	closed bool
+}
+
+func (w *watcher) Snapshot() *sds.Snapshot {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.snap
+}
+
+func (w *watcher) Close() {
+	w.s.mu.Lock()
+	delete(w.s.watchers, w)
+	w.s.mu.Unlock()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.closed = true
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+// renew signs a new certificate for a fresh key and schedules the next.
+func (w *watcher) renew() error {
+	key, err := keystore.Generate(w.s.cfg.KeyType)
+	if err != nil {
+		return fmt.Errorf("casource: %w", err)
+	}
+	issued, err := w.s.cfg.Authority.SignKey(context.Background(), key.Public(), w.id, w.s.cfg.TTL)
+	clock := w.s.cfg.Clock
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return nil
+	}
+	if err != nil {
+		w.s.cfg.Logger.Error("cannot renew a proxy's certificate; will retry", "spiffe_id", w.id, "err", err, "retry", w.s.cfg.RetryInterval)
+		w.schedule(clock.Now().Add(w.s.cfg.RetryInterval))
+		return fmt.Errorf("casource: signing for %s: %w", w.id, err)
+	}
+	leaf := issued.Leaf()
+	w.snap = &sds.Snapshot{Chain: issued.Chain, Key: key, Roots: issued.Roots}
+	w.root = issued.Root
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	w.schedule(leaf.NotBefore.Add(time.Duration(float64(life) * w.s.cfg.RenewAt)))
+	return nil
+}
+
+// schedule arms the renewal timer for at; w.mu is held.
+func (w *watcher) schedule(at time.Time) {
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	w.timer = w.s.cfg.Clock.AfterFunc(at.Sub(w.s.cfg.Clock.Now()), func() {
+		if w.renew() == nil {
+			w.changed()
+		}
+	})
+}
+
+// issuerChanged updates the bundle and replaces a certificate whose root
+// is no longer trusted.
+func (w *watcher) issuerChanged(iss *ca.Issuer) {
+	if iss == nil {
+		return
+	}
+	w.mu.Lock()
+	stale := w.cert && (w.root == nil || !slices.ContainsFunc(iss.Roots, w.root.Equal))
+	if !stale {
+		next := *w.snap
+		next.Roots = iss.Roots
+		w.snap = &next
+	}
+	w.mu.Unlock()
+	if stale {
+		if w.renew() != nil {
+			return
+		}
+	}
+	w.changed()
+}
