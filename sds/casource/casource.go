@@ -49,8 +49,8 @@ type Config struct {
 	// RootsOnly refuses to serve certificates and keys: only the trust
 	// bundle, which node agents watch.
 	RootsOnly bool
-	Clock         clockwork.Clock
-	Logger        *slog.Logger
+	Clock     clockwork.Clock
+	Logger    *slog.Logger
 }
 
 // Source implements sds.Source backed by the CA.
