@@ -27,6 +27,7 @@ const (
 	devBundleFile     = "root-cert.pem"
 	devJournalFile    = "ca-journal.json"
 	devKeysDir        = "keys"
+	devAuditDir       = "audit"
 )
 
 type devOptions struct {
@@ -74,7 +75,8 @@ look like Kubernetes service-account tokens. Not for production.`,
 				return err
 			}
 			st, err := buildStack(ctx, stackConfig{ca: o.ca, listen: o.listen, keys: keys,
-				journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, registry: reg, log: log})
+				journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, registry: reg,
+				auditDir: filepath.Join(o.dataDir, devAuditDir), log: log})
 			if err != nil {
 				return err
 			}

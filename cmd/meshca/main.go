@@ -48,6 +48,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newDevCommand(g),
 		newCertCommand(g),
 		newBenchCommand(g),
+		newAuditCommand(),
 		newVersionCommand(),
 	)
 	return root

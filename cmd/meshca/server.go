@@ -26,6 +26,8 @@ type serverOptions struct {
 	devTokenKey    string
 	bundleOut      string
 	sdsRootsOnly   bool
+	auditDir       string
+	auditStdout    bool
 }
 
 func newServerCommand(g *globalOptions) *cobra.Command {
@@ -45,7 +47,13 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				o.listen.namespace = in
 			}
 			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"),
-				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, log: log}
+				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, auditDir: o.auditDir, log: log}
+			if c.auditDir == "" {
+				c.auditDir = filepath.Join(o.dataDir, "audit")
+			}
+			if o.auditStdout {
+				c.auditMirror = cmd.OutOrStdout()
+			}
 			if o.ca.caDir == "" {
 				if o.keystore != "disk" {
 					return fmt.Errorf("--keystore must be disk, not %q", o.keystore)
@@ -79,6 +87,8 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")
 	fs.StringVar(&o.bundleOut, "bundle-out", "", "write the trust bundle (PEM) to this file and keep it current")
+	fs.StringVar(&o.auditDir, "audit-dir", "", "directory of the audit ledger (default <data-dir>/audit)")
+	fs.BoolVar(&o.auditStdout, "audit-stdout", false, "also write every audit record to stdout as a JSON line, once it is on disk (for log shippers)")
 	fs.BoolVar(&o.sdsRootsOnly, "sds-roots-only", false, "serve only the trust bundle (ROOTCA) over SDS on --grpc-addr, never workload keys (proxies then need the node agent)")
 	return cmd
 }

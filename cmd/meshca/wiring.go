@@ -3,7 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -19,6 +23,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/atomicfile"
+	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
 	"github.com/meshca/meshca/internal/server"
 	"github.com/meshca/meshca/keystore"
@@ -79,6 +84,7 @@ type stack struct {
 	authn     identity.Authenticator
 	secrets   *casource.Source
 	sds       *sds.Server
+	ledger    *audit.Ledger
 	log       *slog.Logger
 }
 
@@ -91,6 +97,10 @@ type stackConfig struct {
 	// sdsRootsOnly makes the central SDS service serve only the trust
 	// bundle, never workload keys.
 	sdsRootsOnly bool
+	// auditDir holds the audit ledger; auditMirror, when set, receives
+	// every record as a JSON line once it is on disk.
+	auditDir    string
+	auditMirror io.Writer
 	// registry holds the metrics; nil makes a new one.
 	registry *prometheus.Registry
 	log      *slog.Logger
@@ -162,7 +172,11 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err := authority.Init(ctx); err != nil {
 		return nil, err
 	}
-	svc, err := certservice.New(certservice.Config{Authenticator: c.authn, Issuer: authority, Logger: c.log, Metrics: reg})
+	ledger, err := audit.New(audit.Config{Dir: c.auditDir, Signer: checkpointSigner{authority}, Mirror: c.auditMirror, Logger: c.log, Metrics: reg})
+	if err != nil {
+		return nil, err
+	}
+	svc, err := certservice.New(certservice.Config{Authenticator: c.authn, Issuer: authority, Ledger: ledger, Logger: c.log, Metrics: reg})
 	if err != nil {
 		return nil, err
 	}
@@ -211,7 +225,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv, log: c.log}, nil
+	return &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv, ledger: ledger, log: c.log}, nil
 }
 
 // run serves until ctx ends. bundlePath, when set, receives the trust
@@ -228,6 +242,8 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 	g.Go(func() error { return s.authority.Run(ctx) })
 	g.Go(func() error { return s.server.Serve(ctx) })
 	g.Go(func() error { return s.secrets.Run(ctx) })
+	g.Go(func() error { return s.ledger.Run(ctx) })
+	defer s.ledger.Close()
 	if r, ok := s.authn.(runner); ok {
 		g.Go(func() error { return r.Run(ctx) })
 	}
@@ -272,4 +288,21 @@ func openDiskKeystore(dir, passphraseFile string, log *slog.Logger) (*disk.Store
 	}
 	defer clear(pass)
 	return disk.New(disk.Config{Dir: dir, Passphrase: bytes.TrimRight(pass, "\r\n"), Logger: log})
+}
+
+// checkpointSigner signs the audit ledger's checkpoints with the CA's
+// current signing key; the digest is domain-separated, so the signature can
+// never pass for a certificate's.
+type checkpointSigner struct{ a *ca.Authority }
+
+func (s checkpointSigner) SignCheckpoint(_ context.Context, digest []byte) ([]byte, []*x509.Certificate, error) {
+	iss := s.a.Issuer()
+	if iss == nil {
+		return nil, nil, ca.ErrNotReady
+	}
+	sig, err := iss.Signer.Sign(rand.Reader, digest, crypto.SHA256)
+	if err != nil {
+		return nil, nil, fmt.Errorf("signing an audit checkpoint: %w", err)
+	}
+	return sig, iss.Chain, nil
 }

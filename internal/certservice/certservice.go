@@ -25,6 +25,7 @@ import (
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/internal/audit"
 )
 
 // MaxRequestBytes bounds a whole CreateCertificate message; the server
@@ -44,12 +45,21 @@ type Issuer interface {
 	Issue(ctx context.Context, req ca.Request) (*ca.Issued, error)
 }
 
+// Recorder durably records issuances and denials; *audit.Ledger is one.
+type Recorder interface {
+	Append(ctx context.Context, rec audit.Record) (audit.Record, error)
+}
+
 // Config configures a Service.
 type Config struct {
 	Authenticator identity.Authenticator
 	Issuer        Issuer
-	Logger        *slog.Logger
-	Metrics       prometheus.Registerer
+	// Ledger, when set, records every issuance before its certificate is
+	// returned (a failure refuses the request: fail closed) and every
+	// denial.
+	Ledger  Recorder
+	Logger  *slog.Logger
+	Metrics prometheus.Registerer
 }
 
 // Service implements IstioCertificateServiceServer.
@@ -57,6 +67,7 @@ type Service struct {
 	pb.UnimplementedIstioCertificateServiceServer
 	auth    identity.Authenticator
 	issuer  Issuer
+	ledger  Recorder
 	log     *slog.Logger
 	metrics *metrics
 }
@@ -69,7 +80,7 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Service{auth: cfg.Authenticator, issuer: cfg.Issuer, log: cfg.Logger, metrics: newMetrics(cfg.Metrics)}, nil
+	return &Service{auth: cfg.Authenticator, issuer: cfg.Issuer, ledger: cfg.Ledger, log: cfg.Logger, metrics: newMetrics(cfg.Metrics)}, nil
 }
 
 // Register adds the service to a gRPC server.
@@ -78,20 +89,21 @@ func (s *Service) Register(r grpc.ServiceRegistrar) { pb.RegisterIstioCertificat
 // CreateCertificate authenticates the caller and signs its CSR.
 func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
 	began := time.Now()
-	log := s.log.With("peer", peerAddr(ctx))
+	addr := peerAddr(ctx)
+	log := s.log.With("peer", addr)
 	caller, err := s.authenticate(ctx)
 	if err != nil {
-		return nil, s.deny(log, began, err)
+		return nil, s.deny(ctx, log, began, addr, identity.Caller{}, err)
 	}
 	log = log.With("spiffeID", caller.ID.String(), "tokenHash", caller.TokenHash)
 	if caller.PodName != "" {
 		log = log.With("pod", caller.Namespace+"/"+caller.PodName)
 	}
 	if req.GetMetadata().GetFields()[impersonationKey] != nil {
-		return nil, s.deny(log, began, errImpersonation)
+		return nil, s.deny(ctx, log, began, addr, caller, errImpersonation)
 	}
 	if req.GetValidityDuration() < 0 {
-		return nil, s.deny(log, began, errNegativeTTL)
+		return nil, s.deny(ctx, log, began, addr, caller, errNegativeTTL)
 	}
 	issued, err := s.issuer.Issue(ctx, ca.Request{
 		CSR: []byte(req.GetCsr()),
@@ -99,9 +111,12 @@ func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 		TTL: seconds(req.GetValidityDuration()),
 	})
 	if err != nil {
-		return nil, s.deny(log, began, err)
+		return nil, s.deny(ctx, log, began, addr, caller, err)
 	}
 	leaf := issued.Leaf()
+	if err := s.recordIssuance(ctx, addr, caller, issued); err != nil {
+		return nil, s.deny(ctx, log.With("serial", leaf.SerialNumber.Text(16)), began, addr, caller, err)
+	}
 	chain := make([]string, 0, len(issued.Chain)+1)
 	for _, c := range issued.Chain {
 		chain = append(chain, string(ca.EncodeCerts(c)))
@@ -111,6 +126,52 @@ func (s *Service) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 	log.Info("issued certificate", "serial", leaf.SerialNumber.Text(16),
 		"notAfter", leaf.NotAfter, "clamped", issued.Clamped)
 	return &pb.IstioCertificateResponse{CertChain: chain}, nil
+}
+
+// recordIssuance writes the issuance to the ledger and returns once it is
+// on disk. The certificate is not returned without its record.
+func (s *Service) recordIssuance(ctx context.Context, addr string, c identity.Caller, issued *ca.Issued) error {
+	if s.ledger == nil {
+		return nil
+	}
+	rec, err := audit.Issuance(issued.Chain, issued.Root)
+	if err != nil {
+		return fmt.Errorf("certservice: %w", err)
+	}
+	rec.Namespace, rec.ServiceAccount = c.Namespace, c.ServiceAccount
+	rec.PodName, rec.PodUID, rec.NodeName = c.PodName, c.PodUID, c.NodeName
+	rec.ClusterID, rec.TokenHash, rec.Peer = c.ClusterID, c.TokenHash, addr
+	if _, err := s.ledger.Append(ctx, rec); err != nil {
+		return fmt.Errorf("certservice: %w: %w", errLedger, err)
+	}
+	return nil
+}
+
+// recordDenial writes a denial to the ledger. The caller is refused either
+// way, so a ledger failure is only logged.
+func (s *Service) recordDenial(ctx context.Context, log *slog.Logger, addr string, c identity.Caller, reason string, err error) {
+	if s.ledger == nil {
+		return
+	}
+	rec := audit.Record{Kind: audit.KindDenied, Reason: reason, Detail: truncate(err.Error(), 512), Peer: addr,
+		Namespace: c.Namespace, ServiceAccount: c.ServiceAccount, PodName: c.PodName, PodUID: c.PodUID,
+		NodeName: c.NodeName, ClusterID: c.ClusterID, TokenHash: c.TokenHash}
+	if !c.ID.IsZero() {
+		rec.ClaimedID = c.ID.String()
+	}
+	// A caller that gave up still gets its denial recorded.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ledgerTimeout)
+	defer cancel()
+	if _, lerr := s.ledger.Append(rctx, rec); lerr != nil {
+		log.Error("cannot record a denial in the audit ledger", "reason", reason, "err", lerr)
+	}
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
 }
 
 // seconds converts a requested lifetime without overflowing: an absurdly
@@ -127,7 +188,11 @@ var (
 	errMissingToken  = identity.Deny(identity.ReasonMissing, "no bearer token in the %q metadata", authorizationKey)
 	errImpersonation = errors.New("certservice: impersonation (ImpersonatedIdentity) is not supported")
 	errNegativeTTL   = errors.New("certservice: validity_duration must not be negative")
+	errLedger        = errors.New("certservice: the audit ledger cannot record the issuance")
 )
+
+// ledgerTimeout bounds the wait for a denial's record.
+const ledgerTimeout = 5 * time.Second
 
 func (s *Service) authenticate(ctx context.Context) (identity.Caller, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
@@ -156,16 +221,19 @@ func bearerToken(values []string) (string, bool) {
 	return token, true
 }
 
-// deny logs err with its detail, counts it, and returns the gRPC status the
-// caller sees.
-func (s *Service) deny(log *slog.Logger, began time.Time, err error) error {
+// deny logs err with its detail, counts it, records it in the ledger, and
+// returns the gRPC status the caller sees.
+func (s *Service) deny(ctx context.Context, log *slog.Logger, began time.Time, addr string, c identity.Caller, err error) error {
 	st, reason := toStatus(err)
 	s.metrics.observe("denied", reason, began)
 	level := slog.LevelWarn
-	if st.Code() == codes.Internal {
+	if st.Code() == codes.Internal || errors.Is(err, errLedger) {
 		level = slog.LevelError
 	}
 	log.Log(context.Background(), level, "denied certificate request", "reason", reason, "code", st.Code().String(), "err", err)
+	if !errors.Is(err, errLedger) {
+		s.recordDenial(ctx, log, addr, c, reason, err)
+	}
 	return st.Err()
 }
 
@@ -187,6 +255,8 @@ func toStatus(err error) (*status.Status, string) {
 		return status.New(codes.InvalidArgument, "validity_duration must not be negative"), "bad-ttl"
 	case errors.Is(err, ca.ErrForeignTrustDomain):
 		return status.New(codes.PermissionDenied, "identity is outside this CA's trust domain"), "foreign-trust-domain"
+	case errors.Is(err, errLedger):
+		return status.New(codes.Unavailable, "the audit ledger is unavailable, so no certificate was issued; retry"), "ledger-unavailable"
 	case errors.Is(err, ca.ErrNotReady):
 		return status.New(codes.Unavailable, "CA is not ready; retry"), "ca-not-ready"
 	case errors.Is(err, context.Canceled):

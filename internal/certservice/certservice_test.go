@@ -11,11 +11,17 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -36,6 +42,7 @@ import (
 	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
+	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
 	"github.com/meshca/meshca/internal/server"
 )
@@ -56,12 +63,15 @@ type harness struct {
 	bundle   *ca.Issuer
 	authn    identity.Authenticator
 	issuer   certservice.Issuer
+	ledger   certservice.Recorder
+	records  *audit.Ledger // the real ledger, unless an option replaced it
 }
 
 type option func(*harness)
 
 func withAuthenticator(a identity.Authenticator) option { return func(h *harness) { h.authn = a } }
 func withIssuer(i certservice.Issuer) option            { return func(h *harness) { h.issuer = i } }
+func withLedger(r certservice.Recorder) option          { return func(h *harness) { h.ledger = r } }
 
 func newHarness(t *testing.T, opts ...option) *harness {
 	t.Helper()
@@ -76,10 +86,12 @@ func newHarness(t *testing.T, opts ...option) *harness {
 	authority := catest.NewAuthority(t, h.clock)
 	h.bundle = authority.Issuer()
 	h.authn, h.issuer = h.tokens, authority
+	h.records = startLedger(t, audit.Config{Dir: filepath.Join(t.TempDir(), "audit"), Clock: h.clock})
+	h.ledger = h.records
 	for _, o := range opts {
 		o(h)
 	}
-	svc, err := certservice.New(certservice.Config{Authenticator: h.authn, Issuer: h.issuer, Metrics: h.registry})
+	svc, err := certservice.New(certservice.Config{Authenticator: h.authn, Issuer: h.issuer, Ledger: h.ledger, Metrics: h.registry})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,6 +127,39 @@ func newHarness(t *testing.T, opts ...option) *harness {
 	t.Cleanup(func() { conn.Close() })
 	h.client = pb.NewIstioCertificateServiceClient(conn)
 	return h
+}
+
+// startLedger runs a real audit ledger until the test ends.
+func startLedger(t *testing.T, cfg audit.Config) *audit.Ledger {
+	t.Helper()
+	l, err := audit.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- l.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		l.Close()
+	})
+	return l
+}
+
+// recorded returns the ledger's records of kind.
+func (h *harness) recorded(t *testing.T, kind audit.Kind) []audit.Record {
+	t.Helper()
+	var out []audit.Record
+	for r, err := range h.records.Query(context.Background(), audit.Filter{Kinds: []audit.Kind{kind}}) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 func (h *harness) token(t *testing.T, req devtoken.MintRequest) string {
@@ -186,6 +231,23 @@ func TestIssuesChainLeafFirstRootLast(t *testing.T) {
 	}
 	if got := requests(t, h, "issued", ""); got != 1 {
 		t.Errorf("issued counter = %v, want 1", got)
+	}
+	recs := h.recorded(t, audit.KindIssued)
+	if len(recs) != 1 {
+		t.Fatalf("%d issuance records, want 1", len(recs))
+	}
+	r := recs[0]
+	want := audit.Record{Serial: certs[0].SerialNumber.Text(16), SPIFFEID: web.String(), Namespace: "default", ServiceAccount: "web",
+		KeyType: "ecdsa-p256", KeyFingerprint: audit.KeyFingerprint(certs[0]), NotBefore: certs[0].NotBefore, NotAfter: certs[0].NotAfter,
+		IssuerFingerprint: audit.Fingerprint(certs[1]), RootFingerprint: audit.Fingerprint(certs[2])}
+	got := audit.Record{Serial: r.Serial, SPIFFEID: r.SPIFFEID, Namespace: r.Namespace, ServiceAccount: r.ServiceAccount,
+		KeyType: r.KeyType, KeyFingerprint: r.KeyFingerprint, NotBefore: r.NotBefore, NotAfter: r.NotAfter,
+		IssuerFingerprint: r.IssuerFingerprint, RootFingerprint: r.RootFingerprint}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("issuance record\n got %+v\nwant %+v", got, want)
+	}
+	if len(r.TokenHash) != 32 || !strings.HasPrefix(r.Peer, "127.0.0.1:") {
+		t.Errorf("token hash %q, peer %q", r.TokenHash, r.Peer)
 	}
 }
 
@@ -267,6 +329,7 @@ func TestRejections(t *testing.T) {
 			if tc.reason != "" {
 				before = requests(t, h, "denied", tc.reason)
 			}
+			denials := len(h.recorded(t, audit.KindDenied))
 			_, err := h.call(tc.md, tc.req)
 			st := status.Convert(err)
 			if st.Code() != tc.code || !strings.Contains(st.Message(), tc.msg) {
@@ -279,6 +342,25 @@ func TestRejections(t *testing.T) {
 				if got := requests(t, h, "denied", tc.reason); got != before+1 {
 					t.Errorf("denied{reason=%q} went from %v to %v, want +1", tc.reason, before, got)
 				}
+			}
+			recs := h.recorded(t, audit.KindDenied)
+			if tc.reason == "" {
+				// Refused by gRPC before the service saw it.
+				if len(recs) != denials {
+					t.Errorf("%d denial records for a message gRPC refused", len(recs)-denials)
+				}
+				return
+			}
+			if len(recs) != denials+1 {
+				t.Fatalf("%d new denial records, want exactly 1", len(recs)-denials)
+			}
+			r := recs[len(recs)-1]
+			wantClaim := ""
+			if tc.code != codes.Unauthenticated {
+				wantClaim = web.String() // authenticated, then refused
+			}
+			if r.Reason != tc.reason || r.ClaimedID != wantClaim || !strings.HasPrefix(r.Peer, "127.0.0.1:") || r.Detail == "" || strings.Contains(r.Detail, good) {
+				t.Errorf("denial record %+v, want reason %q, claimed ID %q, a peer and a detail without the token", r, tc.reason, wantClaim)
 			}
 		})
 	}
@@ -377,5 +459,86 @@ func TestHugeValidityIsClampedNotWrapped(t *testing.T) {
 	}
 	if got := leaf[0].NotAfter.Sub(h.clock.Now()); got != ca.DefaultTTLPolicy.Max {
 		t.Fatalf("leaf lives %s, want the maximum %s", got, ca.DefaultTTLPolicy.Max)
+	}
+}
+
+// failingFile is a segment file on a disk that can fill up.
+type failingFile struct {
+	*os.File
+	full *atomic.Bool
+}
+
+func (f failingFile) Write(p []byte) (int, error) {
+	if f.full.Load() {
+		return 0, syscall.ENOSPC
+	}
+	return f.File.Write(p)
+}
+
+func TestLedgerFailureFailsClosed(t *testing.T) {
+	var full atomic.Bool
+	diskFull := func(h *harness) {
+		h.records = startLedger(t, audit.Config{Dir: filepath.Join(t.TempDir(), "audit"), Clock: h.clock,
+			OpenFile: func(name string, flag int, perm fs.FileMode) (audit.File, error) {
+				f, err := os.OpenFile(name, flag, perm)
+				if err != nil {
+					return nil, err
+				}
+				return failingFile{f, &full}, nil
+			}})
+		h.ledger = h.records
+	}
+	readOnlyDir := filepath.Join(t.TempDir(), "ro")
+	readOnly := func(h *harness) {
+		// A segment per record: every issuance must create a file.
+		h.records = startLedger(t, audit.Config{Dir: readOnlyDir, Clock: h.clock, SegmentBytes: 1})
+		h.ledger = h.records
+	}
+	for _, tc := range []struct {
+		name       string
+		opt        option
+		fail, heal func(t *testing.T)
+	}{
+		{"full disk", diskFull, func(*testing.T) { full.Store(true) }, func(*testing.T) { full.Store(false) }},
+		{"read-only directory", readOnly, func(t *testing.T) { immutable(t, readOnlyDir, true) }, func(t *testing.T) { immutable(t, readOnlyDir, false) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, tc.opt)
+			md := bearer(h.token(t, devtoken.MintRequest{}))
+			if _, err := h.call(md, &pb.IstioCertificateRequest{Csr: csr(t, p256(t), nil)}); err != nil {
+				t.Fatal(err)
+			}
+			tc.fail(t)
+			_, err := h.call(md, &pb.IstioCertificateRequest{Csr: csr(t, p256(t), nil)})
+			if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "audit ledger is unavailable, so no certificate was issued") {
+				t.Fatalf("issuance with a broken ledger: %v, want Unavailable naming the ledger", err)
+			}
+			if got := requests(t, h, "denied", "ledger-unavailable"); got != 1 {
+				t.Errorf("denied{reason=ledger-unavailable} = %v, want 1", got)
+			}
+			tc.heal(t)
+			if _, err := h.call(md, &pb.IstioCertificateRequest{Csr: csr(t, p256(t), nil)}); err != nil {
+				t.Fatalf("after the disk recovered: %v", err)
+			}
+			if n := len(h.recorded(t, audit.KindIssued)); n != 2 {
+				t.Errorf("%d issuance records, want 2 (the refused one is not there)", n)
+			}
+			if rep, err := h.records.Verify(context.Background(), audit.VerifyOptions{}); err != nil || rep.Failure != nil {
+				t.Fatalf("verify after the fault: %+v %v", rep.Failure, err)
+			}
+		})
+	}
+}
+
+// immutable makes dir read-only even for root (chattr +i), or undoes it.
+func immutable(t *testing.T, dir string, on bool) {
+	t.Helper()
+	flag := "-i"
+	if on {
+		flag = "+i"
+		t.Cleanup(func() { exec.Command("chattr", "-i", dir).Run() })
+	}
+	if out, err := exec.Command("chattr", flag, dir).CombinedOutput(); err != nil {
+		t.Fatalf("chattr %s %s (needs e2fsprogs and CAP_LINUX_IMMUTABLE): %v %s", flag, dir, err, out)
 	}
 }
