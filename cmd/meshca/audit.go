@@ -235,7 +235,7 @@ func newAuditVerifyCommand() *cobra.Command {
 			broken := false
 			for _, l := range ls {
 				rep, err := l.Verify(cmd.Context(), opts)
-				if err != nil {
+				if err != nil && rep.Failure == nil {
 					return err
 				}
 				writeReport(cmd.OutOrStdout(), l.Dir(), rep, len(opts.Roots))
