@@ -85,6 +85,7 @@ request was due, so a server that falls behind shows it.`,
 		},
 	}
 	fs := cmd.Flags()
+	fs.BoolVar(&o.cfg.Audit, "audit", false, "with --in-process: record every issuance in an audit ledger (synced before the answer), as meshca server does")
 	fs.BoolVar(&o.inProcess, "in-process", false, "start a server in this process on 127.0.0.1 and load it (the default when no --addr, --token-file or --dev-data-dir is given)")
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:15012", "address of the server to load; loopback only")
 	fs.StringVar(&o.bundle, "ca-bundle", "", "PEM trust bundle that authenticates the server (default with --dev-data-dir: its root-cert.pem)")

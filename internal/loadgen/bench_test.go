@@ -30,9 +30,9 @@ import (
 
 // startServer starts an in-process server (a few milliseconds: two key
 // generations, two signatures and two listeners) and a token for it.
-func startServer(b *testing.B) (*loadgen.Server, string) {
+func startServer(b *testing.B, opts loadgen.ServerOptions) (*loadgen.Server, string) {
 	b.Helper()
-	srv, err := loadgen.StartServer(b.Context())
+	srv, err := loadgen.StartServer(b.Context(), opts)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -53,7 +53,12 @@ func startServer(b *testing.B) (*loadgen.Server, string) {
 // without client key generation or client-side verification. "parallel"
 // shares one connection among GOMAXPROCS goroutines, as gRPC multiplexes.
 func BenchmarkCreateCertificateRPC(b *testing.B) {
-	srv, tok := startServer(b)
+	b.Run("ledger=off", func(b *testing.B) { benchmarkCreateCertificateRPC(b, loadgen.ServerOptions{}) })
+	b.Run("ledger=on", func(b *testing.B) { benchmarkCreateCertificateRPC(b, loadgen.ServerOptions{Audit: true}) })
+}
+
+func benchmarkCreateCertificateRPC(b *testing.B, opts loadgen.ServerOptions) {
+	srv, tok := startServer(b, opts)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		b.Fatal(err)
@@ -94,7 +99,7 @@ func BenchmarkCreateCertificateRPC(b *testing.B) {
 // certificate, including generating its key and CSR and verifying the
 // returned chain against its trust bundle.
 func BenchmarkFetch(b *testing.B) {
-	srv, tok := startServer(b)
+	srv, tok := startServer(b, loadgen.ServerOptions{})
 	c, err := caclient.New(caclient.Config{Address: srv.Addr(), TrustBundle: srv.TrustBundle()})
 	if err != nil {
 		b.Fatal(err)

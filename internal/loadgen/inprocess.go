@@ -17,6 +17,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
+	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
 	"github.com/meshca/meshca/internal/server"
 	"github.com/meshca/meshca/keystore/memory"
@@ -111,14 +112,23 @@ func (s *stack) close() error {
 type Server struct {
 	stack  *stack
 	server *server.Server
+	ledger *audit.Ledger // nil without ServerOptions.Audit
 	cancel context.CancelFunc
 	done   chan error
+}
+
+// ServerOptions shape an in-process Server.
+type ServerOptions struct {
+	// Audit records every issuance in an audit ledger, synced before the
+	// certificate is returned, as meshca server does, in the stack's
+	// temporary directory.
+	Audit bool
 }
 
 // StartServer starts a Server listening on 127.0.0.1 (ports picked by the
 // kernel). Close stops it. The CA's maintenance loop is not run: its
 // intermediate lives 48h, far longer than any benchmark.
-func StartServer(ctx context.Context) (_ *Server, err error) {
+func StartServer(ctx context.Context, opts ServerOptions) (_ *Server, err error) {
 	st, err := newStack(ctx)
 	if err != nil {
 		return nil, err
@@ -128,7 +138,15 @@ func StartServer(ctx context.Context) (_ *Server, err error) {
 			_ = st.close()
 		}
 	}()
-	svc, err := certservice.New(certservice.Config{Authenticator: st.tokens, Issuer: st.authority, Metrics: st.registry})
+	var ledger *audit.Ledger
+	cfg := certservice.Config{Authenticator: st.tokens, Issuer: st.authority, Metrics: st.registry}
+	if opts.Audit {
+		if ledger, err = audit.New(audit.Config{Dir: filepath.Join(st.dir, "audit"), Metrics: st.registry}); err != nil {
+			return nil, fmt.Errorf("loadgen: %w", err)
+		}
+		cfg.Ledger = ledger
+	}
+	svc, err := certservice.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("loadgen: %w", err)
 	}
@@ -156,9 +174,12 @@ func StartServer(ctx context.Context) (_ *Server, err error) {
 	// The server outlives a cancelled ctx until Close, so callers can still
 	// drain their clients in order.
 	serveCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	done := make(chan error, 1)
+	done := make(chan error, 2)
 	go func() { done <- srv.Serve(serveCtx) }()
-	return &Server{stack: st, server: srv, cancel: cancel, done: done}, nil
+	if ledger != nil {
+		go func() { done <- ledger.Run(serveCtx) }()
+	}
+	return &Server{stack: st, server: srv, ledger: ledger, cancel: cancel, done: done}, nil
 }
 
 // Addr is the gRPC address, host:port.
@@ -179,5 +200,8 @@ func (s *Server) MintToken(ttl time.Duration) (string, error) { return s.stack.m
 func (s *Server) Close() error {
 	s.cancel()
 	err := <-s.done
+	if s.ledger != nil {
+		err = errors.Join(err, <-s.done, s.ledger.Close())
+	}
 	return errors.Join(err, s.stack.close())
 }

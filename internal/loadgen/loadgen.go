@@ -56,6 +56,9 @@ type Config struct {
 	// InProcess starts a Server on 127.0.0.1 and measures against it; Addr,
 	// TrustBundle, ServerName and Token must then be empty.
 	InProcess bool
+	// Audit makes the in-process server record every issuance in an audit
+	// ledger, as meshca server does.
+	Audit bool
 	// Addr is the target's gRPC address. Only loopback addresses are
 	// accepted: this tool saturates what it points at.
 	Addr string
@@ -98,6 +101,9 @@ type Config struct {
 }
 
 func (c *Config) validate() error {
+	if c.Audit && !c.InProcess {
+		return errors.New("loadgen: the audit ledger option applies to the in-process server only")
+	}
 	if c.InProcess {
 		if c.Addr != "" || len(c.TrustBundle) != 0 || c.ServerName != "" || c.Token != "" {
 			return errors.New("loadgen: an in-process run brings its own server, trust bundle and token")
@@ -293,7 +299,7 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 	var refToken string
 	if cfg.InProcess {
 		var srv *Server
-		if srv, err = StartServer(ctx); err != nil {
+		if srv, err = StartServer(ctx, ServerOptions{Audit: cfg.Audit}); err != nil {
 			return res, err
 		}
 		// Deferred first, so it runs after the clients are closed and the

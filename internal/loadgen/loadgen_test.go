@@ -244,7 +244,7 @@ func TestRunRateIsExact(t *testing.T) {
 
 func TestRunAgainstServer(t *testing.T) {
 	ctx := t.Context()
-	srv, err := StartServer(ctx)
+	srv, err := StartServer(ctx, ServerOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
