@@ -68,8 +68,7 @@ func newAuditCommand() *cobra.Command {
 // filterOptions are the record filters of list and export.
 type filterOptions struct {
 	f                          audit.Filter
-	since, until, validAt      string
-	sinceDur                   time.Duration
+	since, until               string
 	validNow                   bool
 	includeCheckpoints, asJSON bool
 }

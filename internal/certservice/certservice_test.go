@@ -71,7 +71,6 @@ type option func(*harness)
 
 func withAuthenticator(a identity.Authenticator) option { return func(h *harness) { h.authn = a } }
 func withIssuer(i certservice.Issuer) option            { return func(h *harness) { h.issuer = i } }
-func withLedger(r certservice.Recorder) option          { return func(h *harness) { h.ledger = r } }
 
 func newHarness(t *testing.T, opts ...option) *harness {
 	t.Helper()
