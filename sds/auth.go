@@ -2,7 +2,6 @@ package sds
 
 import (
 	"context"
-	"strings"
 
 	"google.golang.org/grpc/metadata"
 
@@ -16,32 +15,14 @@ import (
 func BearerAuthenticator(a identity.Authenticator) func(ctx context.Context) (Peer, error) {
 	return func(ctx context.Context) (Peer, error) {
 		md, _ := metadata.FromIncomingContext(ctx)
-		token, ok := bearerToken(md.Get("authorization"))
-		if !ok {
-			return Peer{}, identity.Deny(identity.ReasonMissing, `no bearer token in the "authorization" metadata`)
+		cred, err := identity.CredentialFromMetadata(md.Get)
+		if err != nil {
+			return Peer{}, err
 		}
-		var cluster string
-		if v := md.Get("clusterid"); len(v) > 0 {
-			cluster = v[0]
-		}
-		c, err := a.Authenticate(ctx, identity.Credential{Token: token, ClusterID: cluster})
+		c, err := a.Authenticate(ctx, cred)
 		if err != nil {
 			return Peer{}, err
 		}
 		return Peer{ID: c.ID}, nil
 	}
-}
-
-// bearerToken accepts exactly one "Bearer <token>" value, the scheme in any
-// case (RFC 6750).
-func bearerToken(values []string) (string, bool) {
-	if len(values) != 1 {
-		return "", false
-	}
-	scheme, token, ok := strings.Cut(strings.TrimSpace(values[0]), " ")
-	token = strings.TrimSpace(token)
-	if !ok || !strings.EqualFold(scheme, "bearer") || token == "" {
-		return "", false
-	}
-	return token, true
 }

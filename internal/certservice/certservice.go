@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,13 +31,8 @@ import (
 // should refuse anything larger before decoding it.
 const MaxRequestBytes = 64 << 10
 
-// Metadata keys Istio's clients send.
-const (
-	authorizationKey = "authorization"
-	clusterIDKey     = "clusterid"
-	// impersonationKey is how ztunnel asks for another workload's identity.
-	impersonationKey = "ImpersonatedIdentity"
-)
+// impersonationKey is how ztunnel asks for another workload's identity.
+const impersonationKey = "ImpersonatedIdentity"
 
 // Issuer signs certificates for authenticated callers.
 type Issuer interface {
@@ -185,7 +179,6 @@ func seconds(n int64) time.Duration {
 }
 
 var (
-	errMissingToken  = identity.Deny(identity.ReasonMissing, "no bearer token in the %q metadata", authorizationKey)
 	errImpersonation = errors.New("certservice: impersonation (ImpersonatedIdentity) is not supported")
 	errNegativeTTL   = errors.New("certservice: validity_duration must not be negative")
 	errLedger        = errors.New("certservice: the audit ledger cannot record the issuance")
@@ -196,29 +189,11 @@ const ledgerTimeout = 5 * time.Second
 
 func (s *Service) authenticate(ctx context.Context) (identity.Caller, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
-	token, ok := bearerToken(md.Get(authorizationKey))
-	if !ok {
-		return identity.Caller{}, errMissingToken
+	cred, err := identity.CredentialFromMetadata(md.Get)
+	if err != nil {
+		return identity.Caller{}, err
 	}
-	var cluster string
-	if v := md.Get(clusterIDKey); len(v) > 0 {
-		cluster = v[0]
-	}
-	return s.auth.Authenticate(ctx, identity.Credential{Token: token, ClusterID: cluster})
-}
-
-// bearerToken accepts exactly one "Bearer <token>" value; the scheme is
-// case-insensitive as RFC 6750 says.
-func bearerToken(values []string) (string, bool) {
-	if len(values) != 1 {
-		return "", false
-	}
-	scheme, token, ok := strings.Cut(strings.TrimSpace(values[0]), " ")
-	token = strings.TrimSpace(token)
-	if !ok || !strings.EqualFold(scheme, "bearer") || token == "" {
-		return "", false
-	}
-	return token, true
+	return s.auth.Authenticate(ctx, cred)
 }
 
 // deny logs err with its detail, counts it, records it in the ledger, and
