@@ -49,6 +49,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newCertCommand(g),
 		newBenchCommand(g),
 		newAuditCommand(),
+		newAgentCommand(g),
 		newVersionCommand(),
 	)
 	return root

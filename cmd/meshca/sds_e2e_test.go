@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -12,9 +14,11 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/meshca/meshca/internal/caclient"
+	"github.com/meshca/meshca/internal/testenv"
 	"github.com/meshca/meshca/sds/sdstest"
 )
 
@@ -81,5 +85,48 @@ func TestCentralSDS(t *testing.T) {
 	cerr := tls.Client(b, clientCfg).Handshake()
 	if serr := <-errc; serr != nil || cerr != nil {
 		t.Fatalf("mTLS handshake between central-SDS workloads: server %v, client %v", serr, cerr)
+	}
+}
+
+// TestAgentAgainstDev runs `meshca agent` against `meshca dev` and reads its
+// SDS socket as Envoy would: the certificate is for the token's identity,
+// and the socket is private.
+func TestAgentAgainstDev(t *testing.T) {
+	d := startDev(t)
+	tok := writeFile(t, "token", []byte(meshcaCmd(t, "dev", "token", "--data-dir", d.dataDir, "-n", "shop", "-s", "cart")))
+	sock := filepath.Join(t.TempDir(), "run", "sds.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := newRootCommand(io.Discard, io.Discard)
+	cmd.SetArgs([]string{"agent", "--addr", d.grpcAddr, "--ca-bundle", filepath.Join(d.dataDir, devBundleFile), "--token-file", tok, "--socket", sock})
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("meshca agent: %v", err)
+		}
+	}()
+	testenv.Eventually(t, "the agent's socket", func() error { _, err := os.Stat(sock); return err })
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket %v, %v; want mode 0600", fi.Mode(), err)
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := sdstest.New(sdstest.Config{Conn: conn, Node: "cart"})
+	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
+	defer wcancel()
+	if err := c.Connect(wctx); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Disconnect()
+	if _, err := c.Wait(wctx, func(s sdstest.State) bool { return s.Has("default", "ROOTCA") }); err != nil {
+		t.Fatal(err)
+	}
+	svid, err := c.SVID()
+	if err != nil || svid.ID.String() != "spiffe://cluster.local/ns/shop/sa/cart" {
+		t.Fatalf("agent served %v, %v", svid, err)
 	}
 }
