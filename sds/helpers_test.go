@@ -68,25 +68,8 @@ func issue(t testing.TB, a *ca.Authority, id spiffeid.ID) sds.Snapshot {
 // of a rotation, as far as proxies can tell.
 func newRoot(t testing.TB) *x509.Certificate {
 	t.Helper()
-	key := p256(t)
-	serial, err := ca.NewSerial(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now()
-	tmpl, err := ca.RootTemplate(catest.TrustDomain, key.Public(), serial, ca.Validity{NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return catest.NewRoot(t, ca.Validity{NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour)})
 }
 
 // withRoots returns s serving roots instead.

@@ -5,6 +5,10 @@ package catest
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
 	"path/filepath"
 	"testing"
 
@@ -38,4 +42,31 @@ func NewAuthority(tb testing.TB, clock clockwork.Clock) *ca.Authority {
 		tb.Fatal(err)
 	}
 	return a
+}
+
+// NewRoot returns a self-signed root of TrustDomain, valid over v, that no
+// authority holds the key of: to proxies, the second root of a rotation.
+func NewRoot(tb testing.TB, v ca.Validity) *x509.Certificate {
+	tb.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	serial, err := ca.NewSerial(rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tmpl, err := ca.RootTemplate(TrustDomain, key.Public(), serial, v)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return c
 }

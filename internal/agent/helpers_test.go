@@ -3,9 +3,6 @@ package agent_test
 import (
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"errors"
 	"io"
@@ -524,28 +521,8 @@ func holdsRoot(root *x509.Certificate) func(sdstest.State) bool {
 // proxies can tell the second root of a rotation.
 func newRoot(t *testing.T) *x509.Certificate {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, err := ca.NewSerial(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now()
-	tmpl, err := ca.RootTemplate(catest.TrustDomain, key.Public(), serial, ca.Validity{NotBefore: now.Add(-2 * clockLag), NotAfter: now.Add(2 * clockLag)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return catest.NewRoot(t, ca.Validity{NotBefore: now.Add(-2 * clockLag), NotAfter: now.Add(2 * clockLag)})
 }
 
 // metric returns the value of the counter or gauge name with the given
