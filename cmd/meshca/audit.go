@@ -29,30 +29,27 @@ func (o *auditOptions) bind(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.dirs, "audit-dir", nil, "ledger directories to read instead, one per replica (merged by time)")
 }
 
-// open opens the ledgers read-only: a running server keeps writing them.
-func (o *auditOptions) open() ([]*audit.Ledger, error) {
+// with opens the ledgers read-only (a running server keeps writing them),
+// calls fn and closes them.
+func (o *auditOptions) with(fn func([]*audit.Ledger) error) error {
 	dirs := o.dirs
 	if len(dirs) == 0 {
 		dirs = []string{filepath.Join(o.dataDir, devAuditDir)}
 	}
-	var ls []*audit.Ledger
+	ls := make([]*audit.Ledger, 0, len(dirs))
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
 	for _, d := range dirs {
 		l, err := audit.OpenReadOnly(d)
 		if err != nil {
-			for _, o := range ls {
-				o.Close()
-			}
-			return nil, err
+			return err
 		}
 		ls = append(ls, l)
 	}
-	return ls, nil
-}
-
-func closeAll(ls []*audit.Ledger) {
-	for _, l := range ls {
-		l.Close()
-	}
+	return fn(ls)
 }
 
 func newAuditCommand() *cobra.Command {
@@ -127,42 +124,39 @@ func newAuditListCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ls, err := o.open()
-			if err != nil {
-				return err
-			}
-			defer closeAll(ls)
-			w := cmd.OutOrStdout()
-			var tw *tabwriter.Writer
-			if !fo.asJSON {
-				tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "TIME\tKIND\tSERIAL\tSPIFFE ID\tPOD\tREASON\tPEER")
-			}
-			enc := json.NewEncoder(w)
-			for m, err := range audit.MergeQuery(cmd.Context(), ls, f) {
-				if err != nil {
-					return err
+			return o.with(func(ls []*audit.Ledger) error {
+				w := cmd.OutOrStdout()
+				var tw *tabwriter.Writer
+				if !fo.asJSON {
+					tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+					fmt.Fprintln(tw, "TIME\tKIND\tSERIAL\tSPIFFE ID\tPOD\tREASON\tPEER")
 				}
-				r := m.Record
-				if fo.asJSON {
-					if err := enc.Encode(r); err != nil {
+				enc := json.NewEncoder(w)
+				for m, err := range audit.MergeQuery(cmd.Context(), ls, f) {
+					if err != nil {
 						return err
 					}
-					continue
+					r := m.Record
+					if fo.asJSON {
+						if err := enc.Encode(r); err != nil {
+							return err
+						}
+						continue
+					}
+					id, pod := r.SPIFFEID, ""
+					if id == "" {
+						id = r.ClaimedID
+					}
+					if r.PodName != "" {
+						pod = r.Namespace + "/" + r.PodName
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Format(time.RFC3339), r.Kind, dash(r.Serial), dash(id), dash(pod), dash(r.Reason+r.Action), dash(r.Peer+r.Actor))
 				}
-				id, pod := r.SPIFFEID, ""
-				if id == "" {
-					id = r.ClaimedID
+				if tw != nil {
+					return tw.Flush()
 				}
-				if r.PodName != "" {
-					pod = r.Namespace + "/" + r.PodName
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Format(time.RFC3339), r.Kind, dash(r.Serial), dash(id), dash(pod), dash(r.Reason+r.Action), dash(r.Peer+r.Actor))
-			}
-			if tw != nil {
-				return tw.Flush()
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 	o.bind(cmd.Flags())
@@ -185,20 +179,17 @@ func newAuditShowCommand() *cobra.Command {
 		Short: "Show the full record of the certificate with this serial",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ls, err := o.open()
-			if err != nil {
-				return err
-			}
-			defer closeAll(ls)
-			for m, err := range audit.MergeQuery(cmd.Context(), ls, audit.Filter{Serial: args[0], Kinds: []audit.Kind{audit.KindIssued}}) {
-				if err != nil {
-					return err
+			return o.with(func(ls []*audit.Ledger) error {
+				for m, err := range audit.MergeQuery(cmd.Context(), ls, audit.Filter{Serial: args[0], Kinds: []audit.Kind{audit.KindIssued}}) {
+					if err != nil {
+						return err
+					}
+					enc := json.NewEncoder(cmd.OutOrStdout())
+					enc.SetIndent("", "  ")
+					return enc.Encode(m.Record)
 				}
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(m.Record)
-			}
-			return fmt.Errorf("no certificate with serial %s in the ledger", args[0])
+				return fmt.Errorf("no certificate with serial %s in the ledger", args[0])
+			})
 		},
 	}
 	o.bind(cmd.Flags())
@@ -226,24 +217,21 @@ func newAuditVerifyCommand() *cobra.Command {
 				}
 				opts.Roots = roots
 			}
-			ls, err := o.open()
-			if err != nil {
-				return err
-			}
-			defer closeAll(ls)
-			broken := false
-			for _, l := range ls {
-				rep, err := l.Verify(cmd.Context(), opts)
-				if err != nil && rep.Failure == nil {
-					return err
+			return o.with(func(ls []*audit.Ledger) error {
+				broken := false
+				for _, l := range ls {
+					rep, err := l.Verify(cmd.Context(), opts)
+					if err != nil && rep.Failure == nil {
+						return err
+					}
+					writeReport(cmd.OutOrStdout(), l.Dir(), rep, len(opts.Roots))
+					broken = broken || rep.Failure != nil
 				}
-				writeReport(cmd.OutOrStdout(), l.Dir(), rep, len(opts.Roots))
-				broken = broken || rep.Failure != nil
-			}
-			if broken {
-				return errors.New("the audit ledger does not verify")
-			}
-			return nil
+				if broken {
+					return errors.New("the audit ledger does not verify")
+				}
+				return nil
+			})
 		},
 	}
 	o.bind(cmd.Flags())
@@ -283,17 +271,14 @@ func newAuditExportCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ls, err := o.open()
-			if err != nil {
-				return err
-			}
-			defer closeAll(ls)
-			for _, l := range ls {
-				if _, err := l.Export(cmd.Context(), cmd.OutOrStdout(), f); err != nil {
-					return err
+			return o.with(func(ls []*audit.Ledger) error {
+				for _, l := range ls {
+					if _, err := l.Export(cmd.Context(), cmd.OutOrStdout(), f); err != nil {
+						return err
+					}
 				}
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 	o.bind(cmd.Flags())
@@ -308,38 +293,35 @@ func newAuditStatsCommand() *cobra.Command {
 		Short: "Issuances per identity, denials per reason, certificates valid now per root",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ls, err := o.open()
-			if err != nil {
-				return err
-			}
-			defer closeAll(ls)
-			now := time.Now()
-			total := audit.Stats{At: now, Issued: map[string]int{}, Denied: map[string]int{}, ValidByRoot: map[string]int{}}
-			for _, l := range ls {
-				st, err := l.Stats(cmd.Context(), now)
-				if err != nil {
-					return err
-				}
-				for _, pair := range []struct{ to, from map[string]int }{{total.Issued, st.Issued}, {total.Denied, st.Denied}, {total.ValidByRoot, st.ValidByRoot}} {
-					for k, v := range pair.from {
-						pair.to[k] += v
+			return o.with(func(ls []*audit.Ledger) error {
+				now := time.Now()
+				total := audit.Stats{At: now, Issued: map[string]int{}, Denied: map[string]int{}, ValidByRoot: map[string]int{}}
+				for _, l := range ls {
+					st, err := l.Stats(cmd.Context(), now)
+					if err != nil {
+						return err
+					}
+					for _, pair := range []struct{ to, from map[string]int }{{total.Issued, st.Issued}, {total.Denied, st.Denied}, {total.ValidByRoot, st.ValidByRoot}} {
+						for k, v := range pair.from {
+							pair.to[k] += v
+						}
 					}
 				}
-			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			section := func(title string, m map[string]int) {
-				fmt.Fprintf(w, "%s\n", title)
-				if len(m) == 0 {
-					fmt.Fprintf(w, "  (none)\n")
+				w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+				section := func(title string, m map[string]int) {
+					fmt.Fprintf(w, "%s\n", title)
+					if len(m) == 0 {
+						fmt.Fprintf(w, "  (none)\n")
+					}
+					for _, k := range slices.Sorted(maps.Keys(m)) {
+						fmt.Fprintf(w, "  %s\t%d\n", k, m[k])
+					}
 				}
-				for _, k := range slices.Sorted(maps.Keys(m)) {
-					fmt.Fprintf(w, "  %s\t%d\n", k, m[k])
-				}
-			}
-			section("issued, per SPIFFE ID", total.Issued)
-			section("denied, per reason", total.Denied)
-			section("valid now ("+now.UTC().Format(time.RFC3339)+"), per root fingerprint", total.ValidByRoot)
-			return w.Flush()
+				section("issued, per SPIFFE ID", total.Issued)
+				section("denied, per reason", total.Denied)
+				section("valid now ("+now.UTC().Format(time.RFC3339)+"), per root fingerprint", total.ValidByRoot)
+				return w.Flush()
+			})
 		},
 	}
 	o.bind(cmd.Flags())
