@@ -81,6 +81,9 @@ type Authenticator struct {
 	// hashKey keys the cache's token hashes, so the cache holds nothing a
 	// reader of memory could replay or reverse.
 	hashKey []byte
+	// audiences prefixes every hashed token, NUL-separated, so a review
+	// for one set of audiences never answers for another.
+	audiences []byte
 }
 
 var _ identity.Authenticator = (*Authenticator)(nil)
@@ -117,7 +120,8 @@ func New(cfg Config) (*Authenticator, error) {
 	if _, err := rand.Read(key); err != nil {
 		return nil, fmt.Errorf("kube: %w", err)
 	}
-	return &Authenticator{cfg: cfg, clock: cfg.Clock, log: cfg.Logger, cache: newCache(cfg.CacheSize), hashKey: key}, nil
+	return &Authenticator{cfg: cfg, clock: cfg.Clock, log: cfg.Logger, cache: newCache(cfg.CacheSize), hashKey: key,
+		audiences: []byte(strings.Join(cfg.Audiences, "\x00") + "\x00")}, nil
 }
 
 // Authenticate reviews cred.Token with the API server, or answers from the
@@ -221,8 +225,7 @@ func (a *Authenticator) acceptsCluster(id string) bool {
 
 func (a *Authenticator) cacheKey(token string) string {
 	m := hmac.New(sha256.New, a.hashKey)
-	m.Write([]byte(strings.Join(a.cfg.Audiences, "\x00")))
-	m.Write([]byte{0})
+	m.Write(a.audiences)
 	m.Write([]byte(token))
 	return string(m.Sum(nil))
 }
