@@ -55,6 +55,10 @@ type Authority struct {
 
 	state atomic.Pointer[state]
 
+	// opMu orders changes of issuer: maintenance and rotation steps must
+	// not install their results out of order.
+	opMu sync.Mutex
+
 	mu      sync.Mutex
 	changed chan struct{}
 }
@@ -133,6 +137,8 @@ func (a *Authority) Run(ctx context.Context) error {
 
 // Maintain runs one maintenance pass: renewal or reload.
 func (a *Authority) Maintain(ctx context.Context) error {
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
 	cur := a.state.Load()
 	if cur == nil {
 		return ErrNotReady
@@ -175,6 +181,44 @@ func (a *Authority) install(iss *Issuer) {
 	close(a.changed)
 	a.changed = make(chan struct{})
 	a.mu.Unlock()
+}
+
+// Rotation returns the state of the root rotation, or ErrRotationUnsupported
+// when the CA's root is not meshca's to rotate.
+func (a *Authority) Rotation() (Rotation, error) {
+	r, ok := a.cfg.Source.(RootRotator)
+	if !ok {
+		return Rotation{}, ErrRotationUnsupported
+	}
+	return r.Rotation()
+}
+
+// Rotate performs one root rotation step (see SelfManaged.Rotate) and
+// installs the resulting issuer. The step is durable before it takes
+// effect; if the new issuer is then refused, the error says so and the
+// next restart or step starts from the recorded phase.
+func (a *Authority) Rotate(ctx context.Context, step Step) (Rotation, error) {
+	r, ok := a.cfg.Source.(RootRotator)
+	if !ok {
+		return Rotation{}, ErrRotationUnsupported
+	}
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	if a.state.Load() == nil {
+		return Rotation{}, ErrNotReady
+	}
+	now := a.clock.Now()
+	iss, err := r.Rotate(ctx, now, step)
+	if err != nil {
+		return Rotation{}, err
+	}
+	if err := a.accept(iss, now); err != nil {
+		return Rotation{}, fmt.Errorf("ca: rotation step %s recorded, but its issuer is refused: %w", step, err)
+	}
+	a.install(iss)
+	a.metrics.rotations.WithLabelValues(string(step)).Inc()
+	a.log.Info("root rotation step done", "step", step, "signingRoot", Fingerprint(iss.Roots[0]), "roots", len(iss.Roots))
+	return r.Rotation()
 }
 
 // Changed returns a channel closed at the next change of issuer or bundle.

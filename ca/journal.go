@@ -6,12 +6,15 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"time"
 
 	"github.com/meshca/meshca/internal/atomicfile"
 )
 
 // journalVersion is bumped on incompatible changes to the journal format.
-const journalVersion = 1
+// Version 2 added the rotation fields; a version 1 journal reads as one
+// with no rotation in progress.
+const journalVersion = 2
 
 // Journal records which CA keys and certificates are in use. It is small,
 // rewritten whole and atomically on every transition, so a crash at any
@@ -23,6 +26,13 @@ type Journal struct {
 	// Next is a prepared successor, published in the trust bundle before it
 	// signs anything (root rotation).
 	Next *Slot `json:"next,omitempty"`
+	// Retiring are former current slots, replaced by an activation, whose
+	// roots stay in the trust bundle until the leaves they cover expire.
+	Retiring []*Slot `json:"retiring,omitempty"`
+	// PreparedAt and ActivatedAt date the steps of the rotation in
+	// progress; ActivatedAt is kept until retirement.
+	PreparedAt  *time.Time `json:"preparedAt,omitempty"`
+	ActivatedAt *time.Time `json:"activatedAt,omitempty"`
 }
 
 // Slot is one root with the intermediate it currently signs through.
@@ -44,7 +54,7 @@ func LoadJournal(path string) (*Journal, error) {
 	if err := json.Unmarshal(data, &j); err != nil {
 		return nil, fmt.Errorf("ca: journal %s is corrupt: %w", path, err)
 	}
-	if j.Version != journalVersion {
+	if j.Version != journalVersion && j.Version != 1 {
 		return nil, fmt.Errorf("ca: journal %s has version %d, this meshca reads version %d", path, j.Version, journalVersion)
 	}
 	if j.Current == nil {

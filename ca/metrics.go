@@ -12,6 +12,7 @@ type metrics struct {
 	intermExpiry   prometheus.Gauge
 	maintainErrors prometheus.Counter
 	issuerChanges  prometheus.Counter
+	rotations      *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -45,9 +46,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "meshca_ca_issuer_changes_total",
 			Help: "Times the signing certificate or trust bundle changed (renewal, reload, rotation).",
 		}),
+		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshca_ca_root_rotation_steps_total",
+			Help: "Root rotation steps completed, by step (prepare, activate, retire).",
+		}, []string{"step"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.issued, m.clamped, m.signSeconds, m.rootExpiry, m.intermExpiry, m.maintainErrors, m.issuerChanges)
+		reg.MustRegister(m.issued, m.clamped, m.signSeconds, m.rootExpiry, m.intermExpiry, m.maintainErrors, m.issuerChanges, m.rotations)
 	}
 	return m
 }

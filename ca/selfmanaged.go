@@ -81,6 +81,9 @@ func (s *SelfManaged) Load(ctx context.Context, now time.Time) (*Issuer, error) 
 	if err != nil {
 		return nil, err
 	}
+	if _, err := j.rotation(); err != nil {
+		return nil, fmt.Errorf("ca: journal %s: %w", s.cfg.JournalPath, err)
+	}
 	s.journal = j
 	iss, err := s.issuerFromSlot(ctx, j.Current)
 	if err != nil {
@@ -107,21 +110,7 @@ func renewAt(c *x509.Certificate) time.Time {
 }
 
 func (s *SelfManaged) bootstrap(ctx context.Context, now time.Time) (*Issuer, error) {
-	rootID := newKeyID("root", now)
-	rootKey, err := s.cfg.Keys.GenerateKey(ctx, rootID, s.cfg.KeyType)
-	if err != nil {
-		return nil, fmt.Errorf("ca: create root key: %w", err)
-	}
-	serial, err := NewSerial(rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	tmpl, err := RootTemplate(s.cfg.TrustDomain, rootKey.Public(), serial,
-		Validity{NotBefore: now.Add(-Backdate), NotAfter: now.Add(s.cfg.RootTTL)})
-	if err != nil {
-		return nil, err
-	}
-	root, err := createCert(tmpl, tmpl, rootKey.Public(), rootKey)
+	rootID, root, err := s.newRoot(ctx, now)
 	if err != nil {
 		return nil, err
 	}
@@ -131,11 +120,27 @@ func (s *SelfManaged) bootstrap(ctx context.Context, now time.Time) (*Issuer, er
 	return s.renew(ctx, now)
 }
 
-// renew signs a new intermediate with the current root and records it in
-// the journal before it is used: a crash before the save leaves the old
-// intermediate in force and at most an unused key behind.
+// renew signs a new intermediate with the current root.
 func (s *SelfManaged) renew(ctx context.Context, now time.Time) (*Issuer, error) {
-	slot := *s.journal.Current
+	next := *s.journal
+	slot := *next.Current
+	next.Current = &slot
+	oldKeyID := slot.IntermediateKeyID
+	iss, err := s.signIntermediate(ctx, now, &next)
+	if err != nil {
+		return nil, err
+	}
+	// Leaves already issued stay valid without the old key; only signing
+	// needs it, and nothing signs with it any more.
+	s.deleteKey(ctx, oldKeyID, "renewed intermediate")
+	return iss, nil
+}
+
+// signIntermediate signs a new intermediate with j.Current's root, puts it
+// in j.Current and saves j as the journal before it is used: a crash before
+// the save leaves the old state in force and at most an unused key behind.
+func (s *SelfManaged) signIntermediate(ctx context.Context, now time.Time, j *Journal) (*Issuer, error) {
+	slot := j.Current
 	root, err := parseOne(slot.RootCertPEM)
 	if err != nil {
 		return nil, err
@@ -165,24 +170,14 @@ func (s *SelfManaged) renew(ctx context.Context, now time.Time) (*Issuer, error)
 	if err != nil {
 		return nil, err
 	}
-	oldKeyID := slot.IntermediateKeyID
 	slot.IntermediateKeyID = id
 	slot.IntermediateCertPEM = string(EncodeCerts(cert))
-	next := *s.journal
-	next.Current = &slot
-	if err := next.Save(s.cfg.JournalPath); err != nil {
+	if err := j.Save(s.cfg.JournalPath); err != nil {
 		return nil, err
 	}
-	s.journal = &next
+	s.journal = j
 	s.cfg.Logger.Info("signed a new intermediate CA", "keyID", id, "notAfter", cert.NotAfter,
 		"fingerprint", Fingerprint(cert))
-	if d, ok := s.cfg.Keys.(keystore.Deleter); ok && oldKeyID != "" {
-		// Leaves already issued stay valid without the old key; only
-		// signing needs it, and nothing signs with it any more.
-		if err := d.DeleteKey(ctx, oldKeyID); err != nil {
-			s.cfg.Logger.Warn("could not delete the retired intermediate key", "keyID", oldKeyID, "err", err)
-		}
-	}
 	return &Issuer{Cert: cert, Signer: key, Chain: []*x509.Certificate{cert}, Roots: s.roots(root)}, nil
 }
 
@@ -202,13 +197,19 @@ func (s *SelfManaged) issuerFromSlot(ctx context.Context, slot *Slot) (*Issuer, 
 	return &Issuer{Cert: cert, Signer: key, Chain: []*x509.Certificate{cert}, Roots: s.roots(root)}, nil
 }
 
-// roots is the trust bundle: the current root, and the next one once a
-// rotation has prepared it.
+// roots is the trust bundle: the current root first, then the next one
+// once a rotation has prepared it, then those retiring after an activation.
 func (s *SelfManaged) roots(current *x509.Certificate) []*x509.Certificate {
 	roots := []*x509.Certificate{current}
+	others := s.journal.Retiring
 	if s.journal.Next != nil {
-		if next, err := parseOne(s.journal.Next.RootCertPEM); err == nil {
-			roots = append(roots, next)
+		others = append([]*Slot{s.journal.Next}, others...)
+	}
+	for _, slot := range others {
+		if c, err := parseOne(slot.RootCertPEM); err == nil {
+			roots = append(roots, c)
+		} else {
+			s.cfg.Logger.Error("a root recorded in the CA journal does not parse; it is left out of the trust bundle", "keyID", slot.RootKeyID, "err", err)
 		}
 	}
 	return roots

@@ -239,6 +239,46 @@ func TestGroupCommit(t *testing.T) {
 	}
 }
 
+// A steady stream of appends is synced in batches spaced by CommitDelay,
+// not one fsync per record: the first append after a quiet spell is written
+// at once, and those arriving within the delay after it share one commit.
+func TestCommitDelayGroupsAppends(t *testing.T) {
+	var syncs atomic.Int64
+	reg := prometheus.NewRegistry()
+	l := start(t, audit.Config{
+		Dir:         t.TempDir(),
+		CommitDelay: 500 * time.Millisecond,
+		Metrics:     reg,
+		OpenFile: func(name string, flag int, perm fs.FileMode) (audit.File, error) {
+			f, err := os.OpenFile(name, flag, perm)
+			if err != nil {
+				return nil, err
+			}
+			return countingFile{File: f, syncs: &syncs}, nil
+		},
+	})
+	mustAppend(t, l, gen(0))
+	if got := syncs.Load(); got != 1 {
+		t.Fatalf("first append: %d fsyncs, want 1", got)
+	}
+	const n = 50
+	var wg sync.WaitGroup
+	for i := 1; i <= n; i++ {
+		wg.Go(func() { tryAppend(t, l, gen(i)) })
+	}
+	wg.Wait()
+	if got := syncs.Load(); got != 2 {
+		t.Errorf("%d appends within the commit delay took %d fsyncs in all, want 1 more", n, got-1)
+	}
+	if c, s := histogram(t, reg, "meshca_audit_batch_records"); c != 2 || s != n+1 {
+		t.Errorf("batch size histogram: %v batches, %v records; want 2 batches, %d records", c, s, n+1)
+	}
+	l.Close()
+	if rep := mustVerify(t, l); rep.Records != n+1 {
+		t.Errorf("ledger holds %d records, want %d", rep.Records, n+1)
+	}
+}
+
 func TestSegments(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "audit")
 	l := start(t, audit.Config{Dir: dir, SegmentBytes: 4 << 10, Signer: newSigner(t, "ecdsa-p256"), CheckpointEvery: -1})

@@ -55,6 +55,10 @@ type writer struct {
 	unsignedSince time.Time // when, by the clock, the oldest of them was written
 	signAfter     time.Time // no signing attempt before then, after a failure
 
+	// lastCommit is when, in real time, the last batch was written: the
+	// spacing of commits is a matter of CPU cost, not of the ledger's clock.
+	lastCommit time.Time
+
 	closed bool
 	buf    bytes.Buffer
 	items  []item // the batch's appended records
@@ -156,7 +160,7 @@ func (l *Ledger) Run(ctx context.Context) error {
 		case <-l.closing:
 			return nil // Close writes the queue
 		case req := <-l.reqs:
-			l.commit(bg, l.gather(req))
+			l.commit(bg, l.linger(ctx, l.gather(req)))
 			rearm()
 		case <-timer:
 			l.commit(bg, nil)
@@ -186,6 +190,31 @@ func (l *Ledger) gather(first *request) []*request {
 		case req := <-l.reqs:
 			batch = append(batch, req)
 		default:
+			return batch
+		}
+	}
+	return batch
+}
+
+// linger holds a batch back until CommitDelay has passed since the previous
+// commit, adding what arrives meanwhile, so that a steady stream of appends
+// is synced in a few large batches instead of many small ones.
+func (l *Ledger) linger(ctx context.Context, batch []*request) []*request {
+	wait := l.cfg.CommitDelay - time.Since(l.w.lastCommit)
+	if l.cfg.CommitDelay <= 0 || wait <= 0 || len(batch) >= maxBatch {
+		return batch
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for len(batch) < maxBatch {
+		select {
+		case req := <-l.reqs:
+			batch = append(batch, req)
+		case <-t.C:
+			return batch
+		case <-ctx.Done():
+			return batch
+		case <-l.closing:
 			return batch
 		}
 	}
@@ -247,6 +276,7 @@ func (l *Ledger) commit(ctx context.Context, batch []*request) {
 		return // a timer tick with nothing due
 	}
 	began := time.Now() // latency metric only: real time, not the injected clock
+	w.lastCommit = began
 	if err := l.prepare(); err != nil {
 		l.fail(batch, err)
 		return

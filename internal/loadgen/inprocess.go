@@ -195,6 +195,29 @@ func (s *Server) Authority() *ca.Authority { return s.stack.authority }
 // WorkloadNamespace/WorkloadServiceAccount, valid for at least ttl.
 func (s *Server) MintToken(ttl time.Duration) (string, error) { return s.stack.mintToken(ttl) }
 
+// ledgerBatches reads the ledger's group-commit counters from the server's
+// metrics: batches written (one fsync each) and the records in them.
+func (s *Server) ledgerBatches() (batches, records uint64) {
+	if s.ledger == nil {
+		return 0, 0
+	}
+	mfs, err := s.stack.registry.Gather()
+	if err != nil {
+		return 0, 0
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "meshca_audit_batch_records" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			h := m.GetHistogram()
+			batches += h.GetSampleCount()
+			records += uint64(h.GetSampleSum())
+		}
+	}
+	return batches, records
+}
+
 // Close stops the server, waiting for in-flight requests (close clients
 // first, or wait up to the server's drain timeout), and removes its state.
 func (s *Server) Close() error {

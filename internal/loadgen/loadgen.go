@@ -221,6 +221,10 @@ type Result struct {
 	// due: the load generator's own lateness (timer wake-ups, clients
 	// still busy), which the latency includes.
 	SendLag Latency
+	// LedgerBatches and LedgerRecords count, with Config.Audit, the audit
+	// ledger's group commits (one write and one fsync each) in the timed
+	// phase and the records they carried.
+	LedgerBatches, LedgerRecords uint64
 	// IdleBefore is the fraction of CPU time the machine was idle just
 	// before the run, or -1 where that is unknown. On a shared machine,
 	// anything else running lowers every figure.
@@ -295,10 +299,12 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 
 	// The reference figures need a CA and a token authority in this
 	// process: the in-process server's, or a private one otherwise.
-	var ref *stack
-	var refToken string
+	var (
+		ref      *stack
+		refToken string
+		srv      *Server
+	)
 	if cfg.InProcess {
-		var srv *Server
 		if srv, err = StartServer(ctx, ServerOptions{Audit: cfg.Audit}); err != nil {
 			return res, err
 		}
@@ -356,6 +362,10 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 	}
 
 	log.Info("load", "duration", cfg.Duration, "rate", rateString(cfg.Rate))
+	var batches0, records0 uint64
+	if srv != nil {
+		batches0, records0 = srv.ledgerBatches()
+	}
 	sched := newSchedule(time.Now(), cfg.Duration, cfg.Rate, cfg.MaxRequests)
 	var wg sync.WaitGroup
 	for _, w := range workers {
@@ -367,6 +377,10 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 		return res, fmt.Errorf("loadgen: interrupted: %w", err)
 	}
 	res.Capped = sched.capped.Load()
+	if srv != nil {
+		b, r := srv.ledgerBatches()
+		res.LedgerBatches, res.LedgerRecords = b-batches0, r-records0
+	}
 
 	var samples, lags []time.Duration
 	for _, w := range workers {

@@ -52,6 +52,10 @@ func (r *Result) WriteText(w io.Writer) error {
 			fmtLatency(s.P50), fmtLatency(s.P95), fmtLatency(s.P99), fmtLatency(s.Max))
 	}
 	p("  errors\t%s", r.errorSummary())
+	if r.LedgerBatches > 0 {
+		p("  audit ledger\t%d records in %d group commits (fsyncs), %.1f per commit",
+			r.LedgerRecords, r.LedgerBatches, float64(r.LedgerRecords)/float64(r.LedgerBatches))
+	}
 	capped := ""
 	if r.TargetRate > 0 {
 		capped = "  (rate-limited: offered load, not capacity)"
