@@ -10,6 +10,8 @@ PKGS          := ./...
 # Builds (once, then cached outside the repo) the pinned kube-apiserver and
 # etcd that internal/testenv runs; prints their directory.
 TESTENV       := bash hack/testenv.sh
+# Likewise the pinned Vault server that internal/vaulttest runs.
+VAULT         := bash hack/vault.sh
 
 .PHONY: all build run test test-fast testenv lint bench fuzz clean
 
@@ -24,21 +26,26 @@ run: build
 	./$(BIN) dev
 
 # Every test: formatting, vet, staticcheck, then all tests (fuzz seed corpora
-# included) under the race detector, against a real kube-apiserver and etcd.
+# included) under the race detector, against a real kube-apiserver and etcd
+# and a real Vault.
 test: lint testenv
-	bin=$$($(TESTENV) -q) && MESHCA_KUBE_BIN_DIR=$$bin $(GO) test -race -count=1 $(PKGS)
+	bin=$$($(TESTENV) -q) && vbin=$$($(VAULT) -q) && \
+	  MESHCA_KUBE_BIN_DIR=$$bin MESHCA_VAULT_BIN_DIR=$$vbin $(GO) test -race -count=1 $(PKGS)
 
 # No race detector: the quick loop while editing. It still needs the
-# apiserver (tests that use it fail rather than skip), which costs nothing
-# once cached.
+# apiserver and Vault (tests that use them fail rather than skip), which cost
+# nothing once cached.
 test-fast: testenv
-	bin=$$($(TESTENV) -q) && MESHCA_KUBE_BIN_DIR=$$bin $(GO) test -count=1 $(PKGS)
+	bin=$$($(TESTENV) -q) && vbin=$$($(VAULT) -q) && \
+	  MESHCA_KUBE_BIN_DIR=$$bin MESHCA_VAULT_BIN_DIR=$$vbin $(GO) test -count=1 $(PKGS)
 
-# kube-apiserver and etcd for internal/testenv: about 3.5 minutes the first
-# time on 2 cores, milliseconds afterwards. MESHCA_CACHE_DIR moves the cache
-# (default ~/.cache/meshca).
+# kube-apiserver and etcd for internal/testenv (about 3.5 minutes the first
+# time on 2 cores) and Vault for internal/vaulttest (about 15 minutes);
+# milliseconds afterwards. MESHCA_CACHE_DIR moves the cache (default
+# ~/.cache/meshca).
 testenv:
 	$(TESTENV)
+	$(VAULT)
 
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -57,6 +57,9 @@ type Server struct {
 	streams      map[*stream]struct{}
 	rootAcks     map[string]int // root fingerprint → streams whose ACKed ROOTCA holds it
 	rootWatchers int            // streams subscribed to ROOTCA
+	// ackChanged is closed at the next change of the accounting; nil until
+	// someone asks for it, so ACKs cost nothing extra when nobody waits.
+	ackChanged chan struct{}
 }
 
 // New validates cfg. It starts nothing: streams are served by the gRPC
@@ -214,16 +217,42 @@ func (s *Server) Acked(fp string) (acked, connected int) {
 	return s.rootAcks[fp], s.rootWatchers
 }
 
+// AckChanged returns a channel that is closed at the next ACK, NACK,
+// change of subscription or end of a stream: what Acked and Status report
+// may have changed. Take it before reading them, so no change is missed.
+func (s *Server) AckChanged() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ackChanged == nil {
+		s.ackChanged = make(chan struct{})
+	}
+	return s.ackChanged
+}
+
+// wake closes the channel AckChanged handed out, if any. s.mu is held.
+func (s *Server) wake() {
+	if s.ackChanged != nil {
+		close(s.ackChanged)
+		s.ackChanged = nil
+	}
+}
+
 // StreamStatus is one connected stream.
 type StreamStatus struct {
 	Peer     Peer
 	Protocol string // "sotw" or "delta"
 	Since    time.Time
+	// Subscribed lists the resources the proxy is subscribed to.
+	Subscribed []string
 	// Acked maps each resource the proxy has ACKed on this stream (or had
 	// at the current version when it connected) to that version.
 	Acked map[string]string
 	// AckedRoots are the fingerprints in the ACKed ROOTCA.
 	AckedRoots []string
+	// RejectedRoots are the fingerprints in the last ROOTCA sent, when the
+	// proxy rejected the response that carried it (LastNACK says why) and
+	// no other ROOTCA was sent since. The proxy keeps AckedRoots.
+	RejectedRoots []string
 	// LastNACK is the error of the proxy's last rejection, if any.
 	LastNACK string
 }
@@ -242,12 +271,18 @@ func (s *Server) Status() []StreamStatus {
 		ss := StreamStatus{Peer: st.peer, Protocol: st.proto.String(), Since: st.since,
 			Acked: make(map[string]string), LastNACK: st.lastNACK}
 		for k, sub := range st.subs {
+			if sub.subscribed {
+				ss.Subscribed = append(ss.Subscribed, names[k])
+			}
 			if sub.acked != nil {
 				ss.Acked[names[k]] = sub.acked.version
 			}
 		}
 		if r := st.subs[kindRoots].acked; r != nil {
 			ss.AckedRoots = append([]string(nil), r.roots...)
+		}
+		if r := st.rejected(kindRoots); r != nil {
+			ss.RejectedRoots = append([]string(nil), r.roots...)
 		}
 		st.mu.Unlock()
 		out = append(out, ss)
@@ -272,6 +307,7 @@ func (s *Server) open(ctx context.Context, proto protocol) (*stream, error) {
 func (s *Server) remove(st *stream) {
 	s.mu.Lock()
 	delete(s.streams, st)
+	s.wake()
 	s.mu.Unlock()
 	s.metrics.streams.WithLabelValues(st.proto.String()).Dec()
 }
@@ -303,6 +339,14 @@ func (s *Server) moveRootAcks(old, next []string) {
 func (s *Server) watchingRoots(delta int) {
 	s.mu.Lock()
 	s.rootWatchers += delta
+	s.mu.Unlock()
+}
+
+// noteChange wakes AckChanged's waiters after an ACK, a NACK or a change
+// of subscription.
+func (s *Server) noteChange() {
+	s.mu.Lock()
+	s.wake()
 	s.mu.Unlock()
 }
 

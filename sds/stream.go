@@ -207,8 +207,11 @@ func (st *stream) handleDelta(req *discoveryv3.DeltaDiscoveryRequest) error {
 func (st *stream) subscribe(k kind, on, resend bool) {
 	s := &st.subs[k]
 	if on {
-		if !s.subscribed && k == kindRoots {
-			st.srv.watchingRoots(1)
+		if !s.subscribed {
+			if k == kindRoots {
+				st.srv.watchingRoots(1)
+			}
+			st.srv.noteChange()
 		}
 		s.subscribed = true
 		s.force = s.force || resend
@@ -223,6 +226,7 @@ func (st *stream) subscribe(k kind, on, resend bool) {
 	if k == kindRoots {
 		st.srv.watchingRoots(-1)
 	}
+	st.srv.noteChange()
 }
 
 func (st *stream) setAcked(k kind, r *resource) {
@@ -251,6 +255,7 @@ func (st *stream) ack() {
 		st.srv.metrics.acks[k].Inc()
 	}
 	st.inflight.res, st.inflight.removed = [numKinds]*resource{}, [numKinds]bool{}
+	st.srv.noteChange()
 }
 
 // nack keeps what the proxy ACKed before. The rejected version stays
@@ -267,8 +272,23 @@ func (st *stream) nack(msg string) {
 		}
 	}
 	st.inflight.res, st.inflight.removed = [numKinds]*resource{}, [numKinds]bool{}
+	st.srv.noteChange()
 	st.srv.log.Warn("proxy rejected secrets", "peer", st.peer.ID.String(), "node", st.peer.Node,
 		"addr", st.peer.Addr, "error", msg)
+}
+
+// rejected returns the version of k last sent if the proxy rejected the
+// response that carried it, nil otherwise. st.mu is held.
+func (st *stream) rejected(k kind) *resource {
+	s := &st.subs[k]
+	switch {
+	case s.sent == nil, s.acked != nil && s.acked.version == s.sent.version:
+		return nil
+	case st.awaiting && st.inflight.res[k] == s.sent:
+		return nil // not answered yet
+	}
+	// nack keeps the rejected version as sent and the ACKed one as acked.
+	return s.sent
 }
 
 // watch starts or widens the stream's watch on the source. Interest only

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"os"
 	"path/filepath"
 	"slices"
 	"text/tabwriter"
@@ -208,7 +209,12 @@ func newAuditVerifyCommand() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var opts audit.VerifyOptions
 			if bundle == "" && len(o.dirs) == 0 {
-				bundle = filepath.Join(o.dataDir, devBundleFile)
+				// Every root that ever signed, kept by the server; the
+				// current bundle lacks roots retired by a rotation.
+				bundle = filepath.Join(o.dataDir, devAuditDir, auditRootsFile)
+				if _, err := os.Stat(bundle); err != nil {
+					bundle = filepath.Join(o.dataDir, devBundleFile)
+				}
 			}
 			if bundle != "" {
 				roots, err := caclient.LoadBundle(bundle)
@@ -235,7 +241,7 @@ func newAuditVerifyCommand() *cobra.Command {
 		},
 	}
 	o.bind(cmd.Flags())
-	cmd.Flags().StringVar(&bundle, "ca-bundle", "", "trust bundle the checkpoint signers must chain to (default with --data-dir: its root-cert.pem)")
+	cmd.Flags().StringVar(&bundle, "ca-bundle", "", "trust bundle the checkpoint signers must chain to (default with --data-dir: every root the server has used, <data-dir>/audit/roots.pem, else its root-cert.pem)")
 	return cmd
 }
 

@@ -21,7 +21,7 @@ func newBenchCommand(g *globalOptions) *cobra.Command {
 		Short: "Measure meshca's performance on this machine",
 		Args:  cobra.NoArgs,
 	}
-	cmd.AddCommand(newBenchCSRCommand(g))
+	cmd.AddCommand(newBenchCSRCommand(g), newBenchSDSCommand(g), newBenchSDSFleetCommand())
 	return cmd
 }
 
@@ -86,6 +86,7 @@ request was due, so a server that falls behind shows it.`,
 	}
 	fs := cmd.Flags()
 	fs.BoolVar(&o.cfg.Audit, "audit", false, "with --in-process: record every issuance in an audit ledger (synced before the answer), as meshca server does")
+	fs.DurationVar(&o.cfg.AuditCommitDelay, "audit-commit-delay", 0, "with --audit: the ledger's --audit-commit-delay (0: its default; negative: never wait)")
 	fs.BoolVar(&o.inProcess, "in-process", false, "start a server in this process on 127.0.0.1 and load it (the default when no --addr, --token-file or --dev-data-dir is given)")
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:15012", "address of the server to load; loopback only")
 	fs.StringVar(&o.bundle, "ca-bundle", "", "PEM trust bundle that authenticates the server (default with --dev-data-dir: its root-cert.pem)")

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -91,7 +92,7 @@ func startDev(t *testing.T, args ...string) *devServer {
 	}
 	// The banner's own instructions must be what the test runs.
 	mint := "dev token --data-dir " + d.dataDir
-	if len(args) > 0 {
+	if slices.Contains(args, "--kubeconfig") {
 		mint = "create token web --audience meshca"
 	}
 	for _, want := range []string{mint, "cert --addr " + d.grpcAddr, "DEVELOPMENT MODE"} {
@@ -190,7 +191,8 @@ func peerID(c *tls.Conn) string {
 }
 
 func TestDevEndToEnd(t *testing.T) {
-	d := startDev(t)
+	// No node agent: it would be a third workload in the metrics.
+	d := startDev(t, "--sds-socket=")
 	web := d.issueTo(t, "default", "web")
 	db := d.issueTo(t, "prod", "db")
 

@@ -58,6 +58,8 @@ func (o *kubeOptions) bind(fs *pflag.FlagSet, kubeconfigHelp string, remoteSecre
 // kubeAuth authenticates workload tokens with TokenReview in the local
 // cluster and any remote ones.
 type kubeAuth struct {
+	// client is the local cluster's, for the admin API's access reviews.
+	client  kubernetes.Interface
 	router  *multicluster.Router
 	local   *kube.Cluster
 	watcher *multicluster.SecretWatcher // nil without --remote-secrets
@@ -159,12 +161,12 @@ func (o *kubeOptions) build(ctx context.Context, trustDomain, namespace string, 
 			return nil, err
 		}
 	}
-	k := &kubeAuth{router: router, local: local}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	k := &kubeAuth{client: client, router: router, local: local}
 	if o.remoteSecrets {
-		client, err := kubernetes.NewForConfig(rc)
-		if err != nil {
-			return nil, err
-		}
 		perms := []kube.Permission{{Verb: "list", Resource: "secrets", Namespace: namespace}, {Verb: "watch", Resource: "secrets", Namespace: namespace}}
 		if err := kube.CheckAccess(cctx, client.AuthorizationV1().SelfSubjectAccessReviews(), o.clusterID, perms); err != nil {
 			return nil, fmt.Errorf("%w (remote-cluster Secrets; or pass --remote-secrets=false)", err)

@@ -49,7 +49,9 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newCertCommand(g),
 		newBenchCommand(g),
 		newAuditCommand(),
+		newCARootCommand(),
 		newAgentCommand(g),
+		newSDSCommand(),
 		newVersionCommand(),
 	)
 	return root

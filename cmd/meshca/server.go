@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
+	"github.com/meshca/meshca/internal/audit"
 )
 
 type serverOptions struct {
@@ -28,6 +30,8 @@ type serverOptions struct {
 	sdsRootsOnly   bool
 	auditDir       string
 	auditStdout    bool
+	auditDelay     time.Duration
+	admin          adminOptions
 }
 
 func newServerCommand(g *globalOptions) *cobra.Command {
@@ -47,7 +51,10 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				o.listen.namespace = in
 			}
 			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"),
-				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, auditDir: o.auditDir, log: log}
+				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, auditDir: o.auditDir, auditCommitDelay: o.auditDelay, admin: o.admin, log: log}
+			if c.admin.socket == "" {
+				c.admin.socket = filepath.Join(o.dataDir, "admin", "admin.sock")
+			}
 			if c.auditDir == "" {
 				c.auditDir = filepath.Join(o.dataDir, "audit")
 			}
@@ -88,7 +95,9 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")
 	fs.StringVar(&o.bundleOut, "bundle-out", "", "write the trust bundle (PEM) to this file and keep it current")
 	fs.StringVar(&o.auditDir, "audit-dir", "", "directory of the audit ledger (default <data-dir>/audit)")
+	fs.DurationVar(&o.auditDelay, "audit-commit-delay", audit.DefaultCommitDelay, "under load, space the audit ledger's group commits (one fsync each) by this much, so each carries more records; appends further apart never wait (negative: never wait)")
 	fs.BoolVar(&o.auditStdout, "audit-stdout", false, "also write every audit record to stdout as a JSON line, once it is on disk (for log shippers)")
+	o.admin.bind(fs, true)
 	fs.BoolVar(&o.sdsRootsOnly, "sds-roots-only", false, "serve only the trust bundle (ROOTCA) over SDS on --grpc-addr, never workload keys (proxies then need the node agent)")
 	return cmd
 }

@@ -6,11 +6,15 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -22,9 +26,11 @@ import (
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/internal/admin"
 	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
+	"github.com/meshca/meshca/internal/rotation"
 	"github.com/meshca/meshca/internal/server"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/keystore/disk"
@@ -85,6 +91,10 @@ type stack struct {
 	secrets   *casource.Source
 	sds       *sds.Server
 	ledger    *audit.Ledger
+	rotator   *rotation.Rotator // nil for a plugged-in CA
+	admin     *admin.Server
+	adminOpts adminOptions
+	auditDir  string
 	log       *slog.Logger
 }
 
@@ -101,6 +111,10 @@ type stackConfig struct {
 	// every record as a JSON line once it is on disk.
 	auditDir    string
 	auditMirror io.Writer
+	// auditCommitDelay spaces the ledger's group commits under load.
+	auditCommitDelay time.Duration
+	// admin configures the admin API and root rotation.
+	admin adminOptions
 	// registry holds the metrics; nil makes a new one.
 	registry *prometheus.Registry
 	log      *slog.Logger
@@ -172,7 +186,8 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err := authority.Init(ctx); err != nil {
 		return nil, err
 	}
-	ledger, err := audit.New(audit.Config{Dir: c.auditDir, Signer: checkpointSigner{authority}, Mirror: c.auditMirror, Logger: c.log, Metrics: reg})
+	ledger, err := audit.New(audit.Config{Dir: c.auditDir, Signer: checkpointSigner{authority}, Mirror: c.auditMirror,
+		CommitDelay: c.auditCommitDelay, Logger: c.log, Metrics: reg})
 	if err != nil {
 		return nil, err
 	}
@@ -180,7 +195,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
-	secrets, err := casource.New(casource.Config{Authority: authority, TTL: c.ca.leafTTL, RootsOnly: c.sdsRootsOnly, Logger: c.log})
+	secrets, err := casource.New(casource.Config{Authority: authority, TTL: c.ca.leafTTL, RootsOnly: c.sdsRootsOnly, Ledger: ledger, Logger: c.log})
 	if err != nil {
 		return nil, err
 	}
@@ -225,7 +240,42 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv, ledger: ledger, log: c.log}, nil
+	st := &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv,
+		ledger: ledger, adminOpts: c.admin, auditDir: c.auditDir, log: c.log}
+	if err := st.buildAdmin(c); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// buildAdmin makes the root rotation driver and the admin API.
+func (s *stack) buildAdmin(c stackConfig) error {
+	var routes []admin.Route
+	if c.ca.caDir == "" {
+		rot, err := rotation.New(rotation.Config{
+			CA: s.authority, Proxies: s.sds, Ledger: ledgerHoldings(s.ledger),
+			MinAcked: c.admin.minAcked, Schedule: c.admin.schedule, Logger: c.log, Metrics: s.registry,
+		})
+		if err != nil {
+			return err
+		}
+		s.rotator = rot
+		routes = append(routes, admin.RootRoutes(rot)...)
+	}
+	cfg := admin.Config{Routes: routes, Local: admin.LocalAuthorizer{}, Ledger: s.ledger, Logger: c.log}
+	if c.admin.addr != "" {
+		k, ok := c.authn.(*kubeAuth)
+		if !ok {
+			return fmt.Errorf("--admin-addr authorises callers with Kubernetes; it needs --authenticator=kube")
+		}
+		cfg.Remote = admin.KubeAuthorizer{Client: k.client, Namespace: c.listen.namespace}
+	}
+	a, err := admin.New(cfg)
+	if err != nil {
+		return err
+	}
+	s.admin = a
+	return nil
 }
 
 // run serves until ctx ends. bundlePath, when set, receives the trust
@@ -238,11 +288,24 @@ func (s *stack) run(ctx context.Context, bundlePath string) error {
 }
 
 func (s *stack) serve(ctx context.Context, bundlePath string) error {
+	adminLs, err := s.adminListeners(s.adminOpts)
+	if err != nil {
+		return err
+	}
 	g, ctx := errgroup.WithContext(ctx)
+	for _, l := range adminLs {
+		g.Go(func() error { return s.admin.Serve(ctx, l) })
+	}
+	if s.rotator != nil {
+		g.Go(func() error { return s.rotator.Run(ctx) })
+	}
 	g.Go(func() error { return s.authority.Run(ctx) })
 	g.Go(func() error { return s.server.Serve(ctx) })
 	g.Go(func() error { return s.secrets.Run(ctx) })
 	g.Go(func() error { return s.ledger.Run(ctx) })
+	g.Go(func() error {
+		return keepRootHistory(ctx, s.authority, filepath.Join(s.auditDir, auditRootsFile), s.log)
+	})
 	defer s.ledger.Close()
 	if r, ok := s.authn.(runner); ok {
 		g.Go(func() error { return r.Run(ctx) })
@@ -261,6 +324,44 @@ func writeBundle(ctx context.Context, a *ca.Authority, path string, log *slog.Lo
 			return err
 		}
 		log.Debug("wrote trust bundle", "path", path)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
+
+// auditRootsFile, in the audit directory, holds every root that has been
+// in the trust bundle: checkpoints signed before a root rotation still
+// verify against it after the old root has left the bundle.
+const auditRootsFile = "roots.pem"
+
+// keepRootHistory adds each new root of the CA's bundle to path, never
+// removing one.
+func keepRootHistory(ctx context.Context, a *ca.Authority, path string, log *slog.Logger) error {
+	for {
+		changed := a.Changed()
+		var known []*x509.Certificate
+		if data, err := os.ReadFile(path); err == nil {
+			if known, err = ca.ParseCerts(data); err != nil {
+				return fmt.Errorf("%s: %w", path, err)
+			}
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		all := known
+		for _, r := range a.Issuer().Roots {
+			if !slices.ContainsFunc(all, r.Equal) {
+				all = append(all, r)
+			}
+		}
+		if len(all) > len(known) {
+			if err := atomicfile.Write(path, ca.EncodeCerts(all...), 0o644); err != nil {
+				return fmt.Errorf("recording the roots that sign audit checkpoints: %w", err)
+			}
+			log.Debug("recorded a new root for audit verification", "path", path, "roots", len(all))
+		}
 		select {
 		case <-ctx.Done():
 			return nil

@@ -15,7 +15,10 @@
 //   - it keeps a ROOTCA-only SDS stream open to the server, so a new trust
 //     bundle reaches Envoy at once rather than at the next renewal, and the
 //     agent's own trust in the server and in the chains it issues follows
-//     the same bundle.
+//     the same bundle. It ACKs a bundle to the server only once every local
+//     stream watching ROOTCA has ACKed it, and NACKs it when one of them
+//     does, so the server's ACK accounting (what a root rotation waits on)
+//     speaks for the proxies behind the agent.
 package agent
 
 import (
@@ -25,6 +28,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,7 +38,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/internal/caclient"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/sds"
@@ -46,6 +49,9 @@ const (
 	DefaultJitter   = 0.1
 	DefaultRetryMin = time.Second
 	DefaultRetryMax = 30 * time.Second
+	// DefaultRotationWindow spreads the renewals that follow a root
+	// activation.
+	DefaultRotationWindow = time.Minute
 )
 
 // backoffJitter is the largest share of a retry delay taken off at random,
@@ -95,9 +101,15 @@ type Config struct {
 	// stream.
 	RetryMin time.Duration
 	RetryMax time.Duration
-	Clock    clockwork.Clock
-	Logger   *slog.Logger
-	Metrics  prometheus.Registerer
+	// RotationWindow: when the server's trust bundle names a new signing
+	// root (its first; a root rotation was activated) and the current
+	// certificate chains to another, the agent renews at a random point
+	// within this window rather than at its usual time, so that agents do
+	// not all ask at once. Zero means DefaultRotationWindow.
+	RotationWindow time.Duration
+	Clock          clockwork.Clock
+	Logger         *slog.Logger
+	Metrics        prometheus.Registerer
 	// Rand returns a uniformly distributed number in [0, 1] for the jitter;
 	// nil uses math/rand/v2. Tests pin it. It is called from several
 	// goroutines, one at a time.
@@ -117,6 +129,9 @@ type Agent struct {
 	// kick asks the renewal loop to renew now: the trust bundle changed and
 	// the current certificate no longer chains to it.
 	kick chan struct{}
+	// resched wakes the renewal loop to look at its schedule again:
+	// rotateAt was set.
+	resched chan struct{}
 
 	randMu sync.Mutex
 	rand   func() float64
@@ -127,7 +142,9 @@ type Agent struct {
 	next      time.Time             // next fetch: renewal or retry
 	lastErr   error                 // of the last fetch; nil after a success
 	roots     []*x509.Certificate
-	rootsGen  uint64 // counts changes of roots, so the fetcher knows to rebuild its client
+	rootsGen  uint64    // counts changes of roots, so the fetcher knows to rebuild its client
+	pending   []string  // fingerprints of a server bundle not yet answered, awaiting the proxies
+	rotateAt  time.Time // renew by then: a new root signs; zero when not set
 }
 
 // New validates cfg. It starts nothing; see Run.
@@ -179,6 +196,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.RetryMin < 0 || cfg.RetryMax < cfg.RetryMin {
 		return nil, fmt.Errorf("agent: retry backoff %s to %s is not a range", cfg.RetryMin, cfg.RetryMax)
 	}
+	if cfg.RotationWindow <= 0 {
+		cfg.RotationWindow = DefaultRotationWindow
+	}
 	if cfg.Clock == nil {
 		cfg.Clock = clockwork.NewRealClock()
 	}
@@ -210,6 +230,7 @@ func New(cfg Config) (*Agent, error) {
 		bcast:   b,
 		sds:     srv,
 		kick:    make(chan struct{}, 1),
+		resched: make(chan struct{}, 1),
 		rand:    cfg.Rand,
 		roots:   cfg.TrustBundle,
 	}, nil
@@ -250,19 +271,22 @@ type Status struct {
 	// Roots are the SHA-256 fingerprints (ca.Fingerprint) of the trust
 	// bundle served to the proxy and used to trust the server.
 	Roots []string
+	// PendingBundle are the fingerprints of the trust bundle the server
+	// sent last, while the agent holds back its answer until every local
+	// proxy watching ROOTCA has answered it; nil otherwise.
+	PendingBundle []string
 }
 
 // Status returns a snapshot of the agent's state.
 func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := Status{Withdrawn: a.withdrawn, NextRenewal: a.next, LastError: a.lastErr}
+	s := Status{Withdrawn: a.withdrawn, NextRenewal: a.next, LastError: a.lastErr,
+		PendingBundle: slices.Clone(a.pending)}
 	if c := a.creds; c != nil {
 		s.ID, s.Serial, s.NotAfter = c.ID, c.Chain[0].SerialNumber.Text(16), c.NotAfter
 	}
-	for _, r := range a.roots {
-		s.Roots = append(s.Roots, ca.Fingerprint(r))
-	}
+	s.Roots = fingerprints(a.roots)
 	return s
 }
 
@@ -295,12 +319,9 @@ func (a *Agent) setRoots(roots []*x509.Certificate, source string) {
 	a.rootsGen++
 	a.metrics.bundleUpdates.Inc()
 	a.publish()
-	fps := make([]string, len(roots))
-	for i, r := range roots {
-		fps[i] = ca.Fingerprint(r)
-	}
-	a.log.Info("trust bundle changed", "source", source, "roots", fps)
+	a.log.Info("trust bundle changed", "source", source, "roots", fingerprints(roots))
 	a.checkChain()
+	a.checkSigningRoot()
 }
 
 // checkChain renews at once when the current certificate does not chain to
@@ -314,6 +335,25 @@ func (a *Agent) checkChain() {
 		"serial", a.creds.Chain[0].SerialNumber.Text(16))
 	select {
 	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// checkSigningRoot schedules a renewal within the rotation window when the
+// bundle's first root, the one that signs (meshca puts it first), is not
+// the one the current certificate chains to: a new root was activated, and
+// the old one will leave the bundle once no certificate needs it. a.mu is
+// held.
+func (a *Agent) checkSigningRoot() {
+	if a.creds == nil || a.withdrawn || len(a.roots) < 2 || !a.rotateAt.IsZero() ||
+		chainsTo(a.creds.Chain, a.roots[:1], a.clock.Now()) {
+		return
+	}
+	a.rotateAt = a.clock.Now().Add(time.Duration(a.random() * float64(a.cfg.RotationWindow)))
+	a.log.Info("a new root signs; renewing the certificate early", "at", a.rotateAt,
+		"serial", a.creds.Chain[0].SerialNumber.Text(16))
+	select {
+	case a.resched <- struct{}{}:
 	default:
 	}
 }

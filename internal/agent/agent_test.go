@@ -47,7 +47,10 @@ func TestRenewsAtTheJitteredTime(t *testing.T) {
 			if want := cfg.TTL + ca.Backdate; life != want {
 				t.Fatalf("certificate lifetime %s, want the requested %s plus the CA's backdating", life, want)
 			}
-			want := first.NotBefore.Add(life * tc.num / tc.den)
+			// The lifetime counts from issuance, not from the backdated
+			// NotBefore; the fake clock has not moved since.
+			issued := first.NotBefore.Add(ca.Backdate)
+			want := issued.Add(first.NotAfter.Sub(issued) * tc.num / tc.den)
 			if got := a.Status().NextRenewal; !got.Equal(want) {
 				t.Fatalf("renewal planned at %s, want %s", got, want)
 			}
@@ -71,7 +74,7 @@ func TestRenewsAtTheJitteredTime(t *testing.T) {
 			if len(calls) != 2 || !calls[1].At.Equal(want) {
 				t.Fatalf("requests at %v, want the second exactly at %s", times(calls), want)
 			}
-			if got, next := a.Status().NextRenewal, second.NotBefore.Add(life*tc.num/tc.den); !got.Equal(next) {
+			if got, next := a.Status().NextRenewal, want.Add(second.NotAfter.Sub(want)*tc.num/tc.den); !got.Equal(next) {
 				t.Errorf("next renewal at %s, want %s", got, next)
 			}
 			if got := metric(t, a.reg, "meshca_agent_renewals_total", "result", "success"); got != 2 {

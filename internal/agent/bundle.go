@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -24,8 +25,9 @@ import (
 
 // followBundle keeps a ROOTCA subscription open on the server's SDS
 // service, so a new trust bundle reaches the proxy as soon as the server
-// has it rather than at the next renewal. It reconnects with backoff until
-// ctx ends.
+// has it rather than at the next renewal. Each bundle is ACKed to the
+// server only once the local proxies have ACKed it, and NACKed if one of
+// them rejects it. It reconnects with backoff until ctx ends.
 func (a *Agent) followBundle(ctx context.Context) {
 	failures := 0
 	for {
@@ -41,7 +43,7 @@ func (a *Agent) followBundle(ctx context.Context) {
 		failures++
 		delay := a.backoff(failures)
 		a.log.Warn("trust bundle stream to the server ended; reconnecting", "err", err, "failures", failures, "retryIn", delay)
-		if _, ok := a.sleepUntil(ctx, a.clock.Now().Add(delay), nil); !ok {
+		if _, ok := a.sleepUntil(ctx, a.clock.Now().Add(delay), nil, nil); !ok {
 			return
 		}
 	}
@@ -100,13 +102,79 @@ func (a *Agent) streamBundle(ctx context.Context) (received bool, err error) {
 		} else {
 			a.mu.Lock()
 			a.setRoots(bundle, "server ROOTCA stream")
+			a.pending = fingerprints(bundle)
 			a.mu.Unlock()
-			version = resp.GetVersionInfo()
-			ack.VersionInfo = version
+			perr := a.awaitProxies(ctx)
+			a.mu.Lock()
+			a.pending = nil
+			a.mu.Unlock()
+			if ctx.Err() != nil {
+				err = ctx.Err()
+				break
+			}
+			if perr != nil {
+				ack.VersionInfo = version
+				ack.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: perr.Error()}
+				a.log.Warn("a local proxy rejected the trust bundle; rejecting it upstream", "err", perr)
+			} else {
+				version = resp.GetVersionInfo()
+				ack.VersionInfo = version
+			}
 		}
 		err = stream.Send(ack)
 	}
 	return received, fmt.Errorf("agent: trust bundle stream: %w", err)
+}
+
+// awaitProxies waits until every local stream subscribed to ROOTCA has
+// ACKed the trust bundle the agent serves, or one of them rejected it,
+// which it returns. The server counts the agent's ACK as every proxy behind
+// it trusting the bundle, and a root rotation acts on that count. With no
+// such stream it returns at once: a proxy that connects later is handed the
+// bundle before anything else.
+func (a *Agent) awaitProxies(ctx context.Context) error {
+	for {
+		changed := a.sds.AckChanged()
+		// The bundle served now: the one just applied, plus any root a
+		// certificate response added meanwhile, which the proxies are sent
+		// too.
+		a.mu.Lock()
+		want := fingerprints(a.roots)
+		a.mu.Unlock()
+		done, err := proxiesAcked(a.sds.Status(), want)
+		if done {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-changed:
+		}
+	}
+}
+
+// proxiesAcked reports whether every stream watching ROOTCA has answered
+// the bundle of roots want: all ACKed it, or one rejected it (err).
+func proxiesAcked(streams []sds.StreamStatus, want []string) (done bool, err error) {
+	done = true
+	for _, s := range streams {
+		if !slices.Contains(s.Subscribed, sds.RootsName) || slices.Equal(s.AckedRoots, want) {
+			continue
+		}
+		if slices.Equal(s.RejectedRoots, want) {
+			return true, fmt.Errorf("agent: local proxy %q rejected the trust bundle: %s", s.Peer.Node, s.LastNACK)
+		}
+		done = false
+	}
+	return done, nil
+}
+
+func fingerprints(certs []*x509.Certificate) []string {
+	fps := make([]string, len(certs))
+	for i, c := range certs {
+		fps[i] = ca.Fingerprint(c)
+	}
+	return fps
 }
 
 // parseBundle extracts the roots from a response to a ROOTCA subscription.

@@ -463,12 +463,19 @@ func advanceTo(t *testing.T, clock *clockwork.FakeClock, when time.Time) {
 // envoy connects an Envoy-like SDS client to the agent's socket.
 func envoy(t *testing.T, ctx context.Context, a *testAgent, node string, delta bool) *sdstest.Client {
 	t.Helper()
+	return envoyWith(t, ctx, a, sdstest.Config{Node: node, Delta: delta})
+}
+
+// envoyWith is envoy with more of the client's configuration.
+func envoyWith(t *testing.T, ctx context.Context, a *testAgent, cfg sdstest.Config) *sdstest.Client {
+	t.Helper()
 	conn, err := grpc.NewClient("unix://"+a.cfg.SocketPath, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = conn.Close() })
-	c := sdstest.New(sdstest.Config{Conn: conn, Node: node, Delta: delta})
+	cfg.Conn = conn
+	c := sdstest.New(cfg)
 	if err := c.Connect(ctx); err != nil {
 		t.Fatal(err)
 	}

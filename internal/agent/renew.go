@@ -20,13 +20,18 @@ func (a *Agent) renew(ctx context.Context) {
 	next := a.next
 	a.mu.Unlock()
 	for {
-		kicked, ok := a.sleepUntil(ctx, a.wakeAt(next), a.kick)
+		kicked, ok := a.sleepUntil(ctx, a.wakeAt(next), a.kick, a.resched)
 		if !ok {
 			return
 		}
 		if kicked {
 			next = a.clock.Now()
 		}
+		a.mu.Lock()
+		if !a.rotateAt.IsZero() && a.rotateAt.Before(next) {
+			next = a.rotateAt
+		}
+		a.mu.Unlock()
 		// Withdraw before trying: the attempt may take a while, and the
 		// proxy must not be handed an expired certificate meanwhile.
 		a.expire()
@@ -60,10 +65,10 @@ func (a *Agent) renew(ctx context.Context) {
 			continue
 		}
 		failures = 0
-		a.creds, a.withdrawn, a.lastErr = creds, false, nil
+		a.creds, a.withdrawn, a.lastErr, a.rotateAt = creds, false, nil, time.Time{}
 		// Never sooner than RetryMin: a server that grants certificates
 		// already past their renewal point must not be asked in a loop.
-		next = later(a.renewalTime(creds), now.Add(a.cfg.RetryMin))
+		next = later(a.renewalTime(creds, now), now.Add(a.cfg.RetryMin))
 		a.next = next
 		// Metrics before publishing, so whoever sees the new certificate
 		// sees it counted.
@@ -99,9 +104,10 @@ func (a *Agent) wakeAt(next time.Time) time.Time {
 	return next
 }
 
-// sleepUntil waits on one timer until t, a receive on kick (nil: none) or
-// the end of ctx; ok is false when ctx ended.
-func (a *Agent) sleepUntil(ctx context.Context, t time.Time, kick <-chan struct{}) (kicked, ok bool) {
+// sleepUntil waits on one timer until t, a receive on kick (nil: none), on
+// wake (nil: none; returns early, not kicked) or the end of ctx; ok is
+// false when ctx ended.
+func (a *Agent) sleepUntil(ctx context.Context, t time.Time, kick, wake <-chan struct{}) (kicked, ok bool) {
 	d := t.Sub(a.clock.Now())
 	if d <= 0 {
 		return false, ctx.Err() == nil
@@ -115,16 +121,20 @@ func (a *Agent) sleepUntil(ctx context.Context, t time.Time, kick <-chan struct{
 		return false, true
 	case <-kick:
 		return true, true
+	case <-wake:
+		return false, true
 	}
 }
 
-// renewalTime is NotBefore + lifetime × (RenewAt ± Jitter), the lifetime
-// ending at the chain's earliest expiry. It is rounded to the millisecond,
-// well below what matters and exact enough to reason about.
-func (a *Agent) renewalTime(c *caclient.Credentials) time.Time {
-	nb := c.Chain[0].NotBefore
+// renewalTime is start + lifetime × (RenewAt ± Jitter), the lifetime
+// running from start, the later of NotBefore and received (leaves are
+// backdated for clock skew; from NotBefore a short-lived one would be due
+// at once), to the chain's earliest expiry. It is rounded to the
+// millisecond, well below what matters and exact enough to reason about.
+func (a *Agent) renewalTime(c *caclient.Credentials, received time.Time) time.Time {
+	start := later(c.Chain[0].NotBefore, received)
 	frac := a.cfg.RenewAt + a.cfg.Jitter*(2*a.random()-1)
-	return nb.Add(time.Duration(frac * float64(c.NotAfter.Sub(nb))).Round(time.Millisecond))
+	return start.Add(time.Duration(frac * float64(c.NotAfter.Sub(start))).Round(time.Millisecond))
 }
 
 // expire withdraws the certificate once it is no longer valid.

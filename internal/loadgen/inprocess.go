@@ -123,6 +123,8 @@ type ServerOptions struct {
 	// certificate is returned, as meshca server does, in the stack's
 	// temporary directory.
 	Audit bool
+	// AuditCommitDelay is the ledger's audit.Config.CommitDelay.
+	AuditCommitDelay time.Duration
 }
 
 // StartServer starts a Server listening on 127.0.0.1 (ports picked by the
@@ -141,7 +143,7 @@ func StartServer(ctx context.Context, opts ServerOptions) (_ *Server, err error)
 	var ledger *audit.Ledger
 	cfg := certservice.Config{Authenticator: st.tokens, Issuer: st.authority, Metrics: st.registry}
 	if opts.Audit {
-		if ledger, err = audit.New(audit.Config{Dir: filepath.Join(st.dir, "audit"), Metrics: st.registry}); err != nil {
+		if ledger, err = audit.New(audit.Config{Dir: filepath.Join(st.dir, "audit"), CommitDelay: opts.AuditCommitDelay, Metrics: st.registry}); err != nil {
 			return nil, fmt.Errorf("loadgen: %w", err)
 		}
 		cfg.Ledger = ledger

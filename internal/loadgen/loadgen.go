@@ -59,6 +59,9 @@ type Config struct {
 	// Audit makes the in-process server record every issuance in an audit
 	// ledger, as meshca server does.
 	Audit bool
+	// AuditCommitDelay is the ledger's audit.Config.CommitDelay (0: its
+	// default).
+	AuditCommitDelay time.Duration
 	// Addr is the target's gRPC address. Only loopback addresses are
 	// accepted: this tool saturates what it points at.
 	Addr string
@@ -305,7 +308,7 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 		srv      *Server
 	)
 	if cfg.InProcess {
-		if srv, err = StartServer(ctx, ServerOptions{Audit: cfg.Audit}); err != nil {
+		if srv, err = StartServer(ctx, ServerOptions{Audit: cfg.Audit, AuditCommitDelay: cfg.AuditCommitDelay}); err != nil {
 			return res, err
 		}
 		// Deferred first, so it runs after the clients are closed and the

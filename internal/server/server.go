@@ -124,6 +124,13 @@ func addrOf(mu *sync.Mutex, l *net.Listener) string {
 	return (*l).Addr().String()
 }
 
+// TLSConfig is a server-side TLS configuration presenting meshca's serving
+// certificate, renewed as the CA changes, for other listeners (the admin
+// API's).
+func (s *Server) TLSConfig() *tls.Config {
+	return &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: s.serving.get, Time: s.cfg.Clock.Now}
+}
+
 // Run is Listen followed by Serve.
 func (s *Server) Run(ctx context.Context) error {
 	if err := s.Listen(); err != nil {
@@ -140,13 +147,8 @@ func (s *Server) Serve(ctx context.Context) error {
 	if gl == nil {
 		return fmt.Errorf("server: Serve before Listen")
 	}
-	tlsCfg := &tls.Config{
-		MinVersion:     tls.VersionTLS12,
-		GetCertificate: s.serving.get,
-		Time:           s.cfg.Clock.Now,
-	}
 	gs := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.Creds(credentials.NewTLS(s.TLSConfig())),
 		grpc.MaxRecvMsgSize(s.cfg.MaxRecvMsgSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)

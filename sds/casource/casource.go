@@ -15,7 +15,9 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,6 +25,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/sds"
 )
@@ -49,8 +52,23 @@ type Config struct {
 	// RootsOnly refuses to serve certificates and keys: only the trust
 	// bundle, which node agents watch.
 	RootsOnly bool
-	Clock     clockwork.Clock
-	Logger    *slog.Logger
+	// RotationJitter spreads the renewals that follow a root activation:
+	// each proxy's certificate from the old root is replaced at a random
+	// point within it (default 1 minute), so that a rotation does not make
+	// every proxy ask at once.
+	RotationJitter time.Duration
+	// Ledger, when set, records every certificate issued before it is
+	// served; a certificate that cannot be recorded is not served.
+	Ledger Ledger
+	Clock  clockwork.Clock
+	Logger *slog.Logger
+	// Rand returns a value in [0, 1) for the jitter; nil uses math/rand.
+	Rand func() float64
+}
+
+// Ledger is the audit ledger.
+type Ledger interface {
+	Append(ctx context.Context, r audit.Record) (audit.Record, error)
 }
 
 // Source implements sds.Source backed by the CA.
@@ -79,6 +97,12 @@ func New(cfg Config) (*Source, error) {
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = clockwork.NewRealClock()
+	}
+	if cfg.RotationJitter <= 0 {
+		cfg.RotationJitter = time.Minute
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Float64
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -121,7 +145,7 @@ func (s *Source) Watch(_ context.Context, p sds.Peer, want sds.Want, changed fun
 	if want.Cert && p.ID.IsZero() {
 		return nil, fmt.Errorf("casource: a certificate is only served to an authenticated proxy")
 	}
-	w := &watcher{s: s, id: p.ID, cert: want.Cert, changed: changed}
+	w := &watcher{s: s, id: p.ID, peer: p.Addr, cert: want.Cert, changed: changed}
 	iss := s.cfg.Authority.Issuer()
 	if iss == nil {
 		return nil, ca.ErrNotReady
@@ -144,6 +168,7 @@ func (s *Source) Watch(_ context.Context, p sds.Peer, want sds.Want, changed fun
 type watcher struct {
 	s       *Source
 	id      spiffeid.ID
+	peer    string
 	cert    bool
 	changed func()
 
@@ -151,6 +176,8 @@ type watcher struct {
 	snap   *sds.Snapshot
 	root   *x509.Certificate // that snap's leaf chains to
 	timer  clockwork.Timer
+	at     time.Time // when timer fires
+	due    time.Time // when the current certificate is due for renewal
 	closed bool
 }
 
@@ -179,6 +206,9 @@ func (w *watcher) renew() error {
 		return fmt.Errorf("casource: %w", err)
 	}
 	issued, err := w.s.cfg.Authority.SignKey(context.Background(), key.Public(), w.id, w.s.cfg.TTL)
+	if err == nil {
+		err = w.record(issued)
+	}
 	clock := w.s.cfg.Clock
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -193,9 +223,47 @@ func (w *watcher) renew() error {
 	leaf := issued.Leaf()
 	w.snap = &sds.Snapshot{Chain: issued.Chain, Key: key, Roots: issued.Roots}
 	w.root = issued.Root
-	life := leaf.NotAfter.Sub(leaf.NotBefore)
-	w.schedule(leaf.NotBefore.Add(time.Duration(float64(life) * w.s.cfg.RenewAt)))
+	// Lifetimes count from now, not from NotBefore: leaves are backdated
+	// for clock skew, and from NotBefore a short-lived leaf would be due
+	// for renewal at once.
+	start := clock.Now()
+	if leaf.NotBefore.After(start) {
+		start = leaf.NotBefore
+	}
+	life := leaf.NotAfter.Sub(start)
+	w.schedule(start.Add(time.Duration(float64(life) * w.s.cfg.RenewAt)))
+	w.due = w.at
 	return nil
+}
+
+// record writes the issuance to the ledger, synced, before it is served.
+func (w *watcher) record(issued *ca.Issued) error {
+	if w.s.cfg.Ledger == nil {
+		return nil
+	}
+	rec, err := audit.Issuance(issued.Chain, issued.Root)
+	if err != nil {
+		return err
+	}
+	rec.SPIFFEID, rec.Peer = w.id.String(), w.peer
+	if ns, sa, ok := workload(w.id); ok {
+		rec.Namespace, rec.ServiceAccount = ns, sa
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := w.s.cfg.Ledger.Append(ctx, rec); err != nil {
+		return fmt.Errorf("the audit ledger is unavailable, so the certificate is not served: %w", err)
+	}
+	return nil
+}
+
+// workload splits a Kubernetes workload ID into namespace and account.
+func workload(id spiffeid.ID) (ns, sa string, ok bool) {
+	parts := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(parts) == 4 && parts[0] == "ns" && parts[2] == "sa" {
+		return parts[1], parts[3], true
+	}
+	return "", "", false
 }
 
 // schedule arms the renewal timer for at; w.mu is held.
@@ -203,6 +271,7 @@ func (w *watcher) schedule(at time.Time) {
 	if w.timer != nil {
 		w.timer.Stop()
 	}
+	w.at = at
 	w.timer = w.s.cfg.Clock.AfterFunc(at.Sub(w.s.cfg.Clock.Now()), func() {
 		if w.renew() == nil {
 			w.changed()
@@ -211,7 +280,9 @@ func (w *watcher) schedule(at time.Time) {
 }
 
 // issuerChanged updates the bundle and replaces a certificate whose root
-// is no longer trusted.
+// is no longer trusted at once, and one whose root no longer signs (a root
+// was activated: iss.Roots[0] is the signing root) at a random point within
+// RotationJitter, or sooner if it was due anyway.
 func (w *watcher) issuerChanged(iss *ca.Issuer) {
 	if iss == nil {
 		return
@@ -222,6 +293,13 @@ func (w *watcher) issuerChanged(iss *ca.Issuer) {
 		next := *w.snap
 		next.Roots = iss.Roots
 		w.snap = &next
+		if w.cert && !w.closed && !w.root.Equal(iss.Roots[0]) {
+			clock := w.s.cfg.Clock
+			at := clock.Now().Add(time.Duration(w.s.cfg.Rand() * float64(w.s.cfg.RotationJitter)))
+			if len(w.snap.Chain) > 0 && at.Before(w.due) {
+				w.schedule(at)
+			}
+		}
 	}
 	w.mu.Unlock()
 	if stale {

@@ -68,6 +68,11 @@ type Config struct {
 	Reject func(*tlsv3.Secret) error
 	// Metadata goes with every RPC, for example the bearer token.
 	Metadata metadata.MD
+	// Hold, if set, is called with every response before the client
+	// applies and answers it; the answer waits until Hold returns. A test
+	// holds an ACK back this way to see what waits for it. ctx ends with
+	// the stream.
+	Hold func(ctx context.Context, r Response)
 }
 
 // Secret is a secret the client holds.
@@ -89,6 +94,8 @@ type Response struct {
 	Names    []string
 	Versions []string
 	Removed  []string
+	// Secrets are the secrets it carried that decoded.
+	Secrets []*tlsv3.Secret
 	// NACK is the error the client rejected it with; empty for an ACK.
 	NACK string
 }
@@ -201,7 +208,9 @@ func (c *Client) Connect(ctx context.Context) error {
 				ResourceNames: slices.Clone(c.names), VersionInfo: c.st.Version})
 		}
 	}
-	if err != nil {
+	// A Send fails with io.EOF when the server has already ended the
+	// stream (refused it, say); receive reads the status.
+	if err != nil && !errors.Is(err, io.EOF) {
 		cancel()
 		return fmt.Errorf("sdstest: open stream: %w", err)
 	}
@@ -276,10 +285,11 @@ func (c *Client) handleSotw(s *stream, resp *discoveryv3.DiscoveryResponse) erro
 		}
 		got = append(got, received{name: sec.GetName(), version: resp.GetVersionInfo(), secret: sec, digest: digest})
 	}
+	r := c.hold(s, resp.GetNonce(), resp.GetVersionInfo(), got, nil, bad)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s.nonce = resp.GetNonce()
-	r := c.record(s, resp.GetNonce(), resp.GetVersionInfo(), got, nil, bad)
+	c.st.Responses = append(c.st.Responses, r)
 	if bad == nil {
 		c.apply(got, nil)
 		c.st.Version = resp.GetVersionInfo()
@@ -308,10 +318,11 @@ func (c *Client) handleDelta(s *stream, resp *discoveryv3.DeltaDiscoveryResponse
 		}
 		got = append(got, received{name: res.GetName(), version: res.GetVersion(), secret: sec, digest: digest})
 	}
+	r := c.hold(s, resp.GetNonce(), resp.GetSystemVersionInfo(), got, resp.GetRemovedResources(), bad)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s.nonce = resp.GetNonce()
-	r := c.record(s, resp.GetNonce(), resp.GetSystemVersionInfo(), got, resp.GetRemovedResources(), bad)
+	c.st.Responses = append(c.st.Responses, r)
 	if bad == nil {
 		c.apply(got, resp.GetRemovedResources())
 	}
@@ -355,16 +366,21 @@ func (c *Client) decode(a *anypb.Any) (*tlsv3.Secret, [32]byte, error) {
 	return sec, sha256.Sum256(b), nil
 }
 
-func (c *Client) record(s *stream, nonce, version string, got []received, removed []string, bad error) Response {
+// hold describes a response and passes it to Config.Hold, if any, before
+// the client acts on it.
+func (c *Client) hold(s *stream, nonce, version string, got []received, removed []string, bad error) Response {
 	r := Response{Stream: s.n, Nonce: nonce, Version: version, Removed: slices.Clone(removed)}
 	for _, g := range got {
 		r.Names = append(r.Names, g.name)
 		r.Versions = append(r.Versions, g.version)
+		r.Secrets = append(r.Secrets, g.secret)
 	}
 	if bad != nil {
 		r.NACK = bad.Error()
 	}
-	c.st.Responses = append(c.st.Responses, r)
+	if c.cfg.Hold != nil {
+		c.cfg.Hold(s.ctx, r)
+	}
 	return r
 }
 

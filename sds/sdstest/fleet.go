@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -39,6 +40,7 @@ type Fleet struct {
 	conns  []*grpc.ClientConn
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	acks   atomic.Int64 // responses ACKed, over all streams
 
 	mu  sync.Mutex
 	err error
@@ -84,7 +86,7 @@ func StartFleet(ctx context.Context, cfg FleetConfig) (*Fleet, error) {
 			opening <- struct{}{}
 			opened := sync.OnceFunc(func() { <-opening; started.Done() })
 			// A stream only ends in error; after Close, that is expected.
-			if err := runFleetStream(ctx, rpc, cfg, node, opened); ctx.Err() == nil {
+			if err := f.runStream(ctx, rpc, cfg, node, opened); ctx.Err() == nil {
 				f.fail(err)
 			}
 			opened() // after fail, so StartFleet sees the failure
@@ -98,9 +100,9 @@ func StartFleet(ctx context.Context, cfg FleetConfig) (*Fleet, error) {
 	return f, nil
 }
 
-// runFleetStream calls opened once its first request is sent, then ACKs
-// until the stream fails.
-func runFleetStream(ctx context.Context, rpc secretv3.SecretDiscoveryServiceClient, cfg FleetConfig, node *corev3.Node, opened func()) error {
+// runStream calls opened once its first request is sent, then ACKs until
+// the stream fails.
+func (f *Fleet) runStream(ctx context.Context, rpc secretv3.SecretDiscoveryServiceClient, cfg FleetConfig, node *corev3.Node, opened func()) error {
 	if cfg.Delta {
 		s, err := rpc.DeltaSecrets(ctx)
 		if err != nil {
@@ -118,6 +120,7 @@ func runFleetStream(ctx context.Context, rpc secretv3.SecretDiscoveryServiceClie
 			if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: TypeURL, ResponseNonce: resp.GetNonce()}); err != nil {
 				return err
 			}
+			f.acks.Add(1)
 		}
 	}
 	s, err := rpc.StreamSecrets(ctx)
@@ -137,6 +140,7 @@ func runFleetStream(ctx context.Context, rpc secretv3.SecretDiscoveryServiceClie
 			VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}); err != nil {
 			return err
 		}
+		f.acks.Add(1)
 	}
 }
 
@@ -147,6 +151,9 @@ func (f *Fleet) fail(err error) {
 		f.err = fmt.Errorf("sdstest: fleet stream: %w", err)
 	}
 }
+
+// Acks returns how many responses the fleet has ACKed, over all streams.
+func (f *Fleet) Acks() int64 { return f.acks.Load() }
 
 // Err returns the first stream failure, if any.
 func (f *Fleet) Err() error {

@@ -1,0 +1,193 @@
+package vault_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshca/meshca/internal/vaulttest"
+	"github.com/meshca/meshca/keystore"
+	"github.com/meshca/meshca/keystore/vault"
+)
+
+// keysPolicy is the policy documented in doc.go, DeleteKey's paths
+// included; tokens made with it have no default policy, so the tests prove
+// the documented policy is enough.
+const keysPolicy = `
+path "transit/keys/meshca-*" {
+  capabilities = ["read", "update", "delete"]
+}
+path "transit/keys/meshca-*/rotate" {
+  capabilities = ["update"]
+}
+path "transit/keys/meshca-*/config" {
+  capabilities = ["update"]
+}
+path "transit/sign/meshca-*" {
+  capabilities = ["update"]
+}
+path "sys/capabilities-self" {
+  capabilities = ["update"]
+}
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+`
+
+// signOnlyPolicy lacks everything but signing and reading.
+const signOnlyPolicy = `
+path "transit/keys/meshca-*" {
+  capabilities = ["read"]
+}
+path "transit/sign/meshca-*" {
+  capabilities = ["update"]
+}
+path "sys/capabilities-self" {
+  capabilities = ["update"]
+}
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+`
+
+// keysToken returns a token that holds only keysPolicy.
+func keysToken(t *testing.T, v *vaulttest.Vault, req api.TokenCreateRequest) string {
+	t.Helper()
+	v.WritePolicy(t, "meshca-keys", keysPolicy)
+	req.Policies = []string{"meshca-keys"}
+	req.NoDefaultPolicy = true
+	return v.CreateToken(t, &req)
+}
+
+// config is a store configuration for v with the given auth and a key
+// prefix under the policies' meshca-*.
+func config(v *vaulttest.Vault, auth vault.Auth) vault.Config {
+	return vault.Config{
+		Address:   v.Addr(),
+		TLS:       vault.TLSConfig{CAFile: v.CAFile()},
+		KeyPrefix: "meshca-",
+		Auth:      auth,
+	}
+}
+
+func newStore(t *testing.T, cfg vault.Config) *vault.Store {
+	t.Helper()
+	s, err := vault.New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	return s
+}
+
+// runStore runs s.Run until the test ends and then checks that it
+// returned nil.
+func runStore(t *testing.T, s *vault.Store) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+}
+
+// signVerify signs a digest with s and checks the ECDSA signature under s's
+// public key.
+func signVerify(s crypto.Signer, msg string) error {
+	digest := sha256.Sum256([]byte(msg))
+	sig, err := s.Sign(nil, digest[:], crypto.SHA256)
+	if err != nil {
+		return err
+	}
+	pub, ok := s.Public().(*ecdsa.PublicKey)
+	if !ok {
+		return fmt.Errorf("public key is %T, want ECDSA", s.Public())
+	}
+	if !ecdsa.VerifyASN1(pub, digest[:], sig) {
+		return errors.New("signature does not verify")
+	}
+	return nil
+}
+
+func generate(t *testing.T, s keystore.Store, id string) crypto.Signer {
+	t.Helper()
+	signer, err := s.GenerateKey(t.Context(), id, keystore.ECDSAP256)
+	if err != nil {
+		t.Fatalf("GenerateKey(%q): %v", id, err)
+	}
+	return signer
+}
+
+func writeFile(t *testing.T, dir, name, content string) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// metricValue sums the series of metric name whose labels include labels;
+// a metric with no series yet is 0.
+func metricValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("gathering metrics: %v", err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			have := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				have[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range labels {
+				if have[k] != v {
+					continue next
+				}
+			}
+			switch {
+			case m.Counter != nil:
+				sum += m.GetCounter().GetValue()
+			case m.Histogram != nil:
+				sum += float64(m.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	return sum
+}
+
+// waitFor polls cond every 20 ms until it holds, failing the test after
+// limit. It bounds how long a test may hang; it asserts nothing about how
+// long anything took.
+func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not after %v", what, limit)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
