@@ -216,7 +216,6 @@ func (a *Authority) Rotate(ctx context.Context, step Step) (Rotation, error) {
 		return Rotation{}, fmt.Errorf("ca: rotation step %s recorded, but its issuer is refused: %w", step, err)
 	}
 	a.install(iss)
-	a.metrics.rotations.WithLabelValues(string(step)).Inc()
 	a.log.Info("root rotation step done", "step", step, "signingRoot", Fingerprint(iss.Roots[0]), "roots", len(iss.Roots))
 	return r.Rotation()
 }

@@ -12,7 +12,6 @@ type metrics struct {
 	intermExpiry   prometheus.Gauge
 	maintainErrors prometheus.Counter
 	issuerChanges  prometheus.Counter
-	rotations      *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -46,13 +45,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "meshca_ca_issuer_changes_total",
 			Help: "Times the signing certificate or trust bundle changed (renewal, reload, rotation).",
 		}),
-		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meshca_ca_root_rotation_steps_total",
-			Help: "Root rotation steps completed, by step (prepare, activate, retire).",
-		}, []string{"step"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.issued, m.clamped, m.signSeconds, m.rootExpiry, m.intermExpiry, m.maintainErrors, m.issuerChanges, m.rotations)
+		reg.MustRegister(m.issued, m.clamped, m.signSeconds, m.rootExpiry, m.intermExpiry, m.maintainErrors, m.issuerChanges)
 	}
 	return m
 }
