@@ -170,13 +170,18 @@ type Root struct {
 	SignsIntermediateOf string    `json:"signingIntermediate,omitempty"`
 }
 
+// States of a Proxy that activate waits on.
+const (
+	StatePending      = "pending"      // connected, not ACKed yet
+	StateRejected     = "rejected"     // NACKed; Proxy.Error says why
+	StateDisconnected = "disconnected" // holds a live certificate, no SDS stream
+)
+
 // Proxy is a proxy that has not ACKed the root a step waits on.
 type Proxy struct {
 	Identity string `json:"identity"`
 	Node     string `json:"node,omitempty"`
-	// State is "pending" (connected, not ACKed yet), "rejected" (NACKed;
-	// Error says why) or "disconnected" (holds a live certificate, has no
-	// SDS stream).
+	// State is StatePending, StateRejected or StateDisconnected.
 	State string `json:"state"`
 	Error string `json:"error,omitempty"`
 }
@@ -207,15 +212,25 @@ func (r *Rotator) Status(ctx context.Context) (Status, error) {
 	if err != nil {
 		return Status{}, err
 	}
-	return r.status(ctx, rot, r.cfg.MinAcked)
+	now := r.clock.Now()
+	holdings, err := r.valid(ctx, now)
+	if err != nil {
+		return Status{}, err
+	}
+	return r.status(rot, holdings, r.cfg.MinAcked, now), nil
 }
 
-func (r *Rotator) status(ctx context.Context, rot ca.Rotation, minAcked float64) (Status, error) {
-	now := r.clock.Now()
+// valid reads the certificates valid now from the ledger: a scan of it,
+// so each request reads it once.
+func (r *Rotator) valid(ctx context.Context, now time.Time) ([]Holding, error) {
 	holdings, err := r.cfg.Ledger.Valid(ctx, now)
 	if err != nil {
-		return Status{}, fmt.Errorf("rotation: reading live certificates from the audit ledger: %w", err)
+		return nil, fmt.Errorf("rotation: reading live certificates from the audit ledger: %w", err)
 	}
+	return holdings, nil
+}
+
+func (r *Rotator) status(rot ca.Rotation, holdings []Holding, minAcked float64, now time.Time) Status {
 	streams := rootStreams(r.cfg.Proxies.Status())
 	st := Status{Phase: rot.Phase, PreparedAt: rot.PreparedAt, ActivatedAt: rot.ActivatedAt, Proxies: len(streams), At: now}
 
@@ -253,10 +268,11 @@ func (r *Rotator) status(ctx context.Context, rot ca.Rotation, minAcked float64)
 	case ca.PhasePrepared:
 		st.NextStep = ca.StepActivate
 		st.Missing = missing(streams, holdings, ca.Fingerprint(rot.Next))
-		need := len(streams) + countDisconnected(st.Missing)
+		by := countStates(st.Missing)
+		need := len(streams) + by[StateDisconnected]
 		acked := need - len(st.Missing)
 		if need > 0 && float64(acked) < math.Ceil(minAcked*float64(need)-1e-9) {
-			st.Blockers = append(st.Blockers, activateBlocker(acked, need, minAcked, st.Missing))
+			st.Blockers = append(st.Blockers, activateBlocker(acked, need, minAcked, len(st.Missing), by))
 		}
 	case ca.PhaseActivated:
 		st.NextStep = ca.StepRetire
@@ -268,7 +284,7 @@ func (r *Rotator) status(ctx context.Context, rot ca.Rotation, minAcked float64)
 			}
 		}
 	}
-	return st, nil
+	return st
 }
 
 // rootStreams keeps the streams subscribed to the trust bundle.
@@ -293,9 +309,9 @@ func missing(streams []sds.StreamStatus, holdings []Holding, fp string) []Proxy 
 		if slices.Contains(s.AckedRoots, fp) {
 			continue
 		}
-		p := Proxy{Identity: id, Node: s.Peer.Node, State: "pending"}
+		p := Proxy{Identity: id, Node: s.Peer.Node, State: StatePending}
 		if slices.Contains(s.RejectedRoots, fp) {
-			p.State, p.Error = "rejected", s.LastNACK
+			p.State, p.Error = StateRejected, s.LastNACK
 		}
 		out = append(out, p)
 	}
@@ -305,46 +321,34 @@ func missing(streams []sds.StreamStatus, holdings []Holding, fp string) []Proxy 
 			continue
 		}
 		seen[h.SPIFFEID] = true
-		out = append(out, Proxy{Identity: h.SPIFFEID, State: "disconnected"})
+		out = append(out, Proxy{Identity: h.SPIFFEID, State: StateDisconnected})
 	}
 	sort.SliceStable(out, func(i, j int) bool { return out[i].Identity < out[j].Identity })
 	return out
 }
 
-func countDisconnected(ps []Proxy) int {
-	n := 0
+// countStates counts proxies by state.
+func countStates(ps []Proxy) map[string]int {
+	n := map[string]int{}
 	for _, p := range ps {
-		if p.State == "disconnected" {
-			n++
-		}
+		n[p.State]++
 	}
 	return n
 }
 
-func activateBlocker(acked, need int, minAcked float64, miss []Proxy) string {
-	var pending, rejected, gone int
-	for _, p := range miss {
-		switch p.State {
-		case "pending":
-			pending++
-		case "rejected":
-			rejected++
-		default:
-			gone++
-		}
-	}
+func activateBlocker(acked, need int, minAcked float64, missing int, by map[string]int) string {
 	var parts []string
-	if pending > 0 {
-		parts = append(parts, fmt.Sprintf("%d connected but not ACKed yet", pending))
+	if n := by[StatePending]; n > 0 {
+		parts = append(parts, fmt.Sprintf("%d connected but not ACKed yet", n))
 	}
-	if rejected > 0 {
-		parts = append(parts, fmt.Sprintf("%d rejected it (NACK)", rejected))
+	if n := by[StateRejected]; n > 0 {
+		parts = append(parts, fmt.Sprintf("%d rejected it (NACK)", n))
 	}
-	if gone > 0 {
-		parts = append(parts, fmt.Sprintf("%d hold a live certificate but have no SDS stream", gone))
+	if n := by[StateDisconnected]; n > 0 {
+		parts = append(parts, fmt.Sprintf("%d hold a live certificate but have no SDS stream", n))
 	}
 	return fmt.Sprintf("%d of %d proxies have ACKed a trust bundle with the new root (%.0f%% required); %d missing: %s",
-		acked, need, 100*minAcked, len(miss), strings.Join(parts, ", "))
+		acked, need, 100*minAcked, missing, strings.Join(parts, ", "))
 }
 
 func short(fp string) string {
@@ -369,10 +373,13 @@ func (r *Rotator) Step(ctx context.Context, step ca.Step, opts Options) (Status,
 	} else if opts.MinAcked != 0 {
 		return Status{}, fmt.Errorf("rotation: --min-acked %g is not a fraction in (0, 1]", opts.MinAcked)
 	}
-	before, err := r.status(ctx, rot, minAcked)
+	now := r.clock.Now()
+	// A step issues no certificate: the holdings serve both statuses.
+	holdings, err := r.valid(ctx, now)
 	if err != nil {
 		return Status{}, err
 	}
+	before := r.status(rot, holdings, minAcked, now)
 	var warnings []string
 	if step == before.NextStep && len(before.Blockers) > 0 {
 		if !opts.Force {
@@ -385,13 +392,14 @@ func (r *Rotator) Step(ctx context.Context, step ca.Step, opts Options) (Status,
 			r.log.Warn("Root rotation step forced past its safety check", "step", step, "blocker", b)
 		}
 	}
-	if _, err := r.cfg.CA.Rotate(ctx, step); err != nil {
+	rot, err = r.cfg.CA.Rotate(ctx, step)
+	if err != nil {
 		return before, err
 	}
-	r.metrics.steps.WithLabelValues(string(step), fmt.Sprint(opts.Force && len(warnings) > 0)).Inc()
-	after, err := r.Status(ctx)
+	r.metrics.steps.WithLabelValues(string(step), fmt.Sprint(len(warnings) > 0)).Inc()
+	after := r.status(rot, holdings, r.cfg.MinAcked, r.clock.Now())
 	after.Warnings = warnings
-	return after, err
+	return after, nil
 }
 
 // Run drives the automatic schedule, when enabled, until ctx ends: prepare
