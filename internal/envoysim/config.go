@@ -1,7 +1,6 @@
 package envoysim
 
 import (
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
@@ -130,19 +129,14 @@ func fileSource(cs *corev3.ConfigSource) (string, error) {
 	return pcs.GetPath(), nil
 }
 
-// readResources reads an LDS or CDS file and returns its version, its
-// resources and a digest of its bytes.
-func readResources(path, typeURL string) (version string, msgs []proto.Message, digest [32]byte, err error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return "", nil, digest, err
-	}
-	digest = sha256.Sum256(data)
+// parseResources decodes the content of the LDS or CDS file at path and
+// returns its version and its resources.
+func parseResources(path string, data []byte, typeURL string) (version string, msgs []proto.Message, err error) {
 	resp, msgs, err := envoyconfig.ParseResponse(data, typeURL)
 	if err != nil {
-		return "", nil, digest, fmt.Errorf("%s: %w", path, err)
+		return "", nil, fmt.Errorf("%s: %w", path, err)
 	}
-	return resp.GetVersionInfo(), msgs, digest, nil
+	return resp.GetVersionInfo(), msgs, nil
 }
 
 // secretRef names a secret and the SDS server it comes from.

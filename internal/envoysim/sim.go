@@ -2,6 +2,7 @@ package envoysim
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -186,14 +187,23 @@ type watchedFile struct {
 }
 
 // reload reads f and applies it when its bytes changed since the last
-// attempt (or always, when first): a refused content is not retried until
-// it changes.
+// attempt (or always, when first): an unchanged content is not parsed
+// again, and a refused one is not retried until it changes.
 func (s *Sim) reload(ctx context.Context, f *watchedFile, first bool) {
-	version, msgs, digest, err := readResources(f.path, f.typeURL)
+	data, err := os.ReadFile(f.path)
+	var digest [32]byte // zero while the file cannot be read
+	if err == nil {
+		digest = sha256.Sum256(data)
+	}
 	if !first && digest == f.digest {
 		return
 	}
 	f.digest = digest
+	var version string
+	var msgs []proto.Message
+	if err == nil {
+		version, msgs, err = parseResources(f.path, data, f.typeURL)
+	}
 	if err != nil {
 		s.refuse(f.typeURL, fmt.Errorf("envoysim: %w", err))
 		return
