@@ -113,13 +113,18 @@ func (s *FileStore) read() (fileState, error) {
 	if err != nil {
 		return fileState{}, fmt.Errorf("policy: %w", err)
 	}
-	sum := sha256.Sum256(b)
-	st := fileState{rev: Revision(hex.EncodeToString(sum[:16]))}
+	st := fileState{rev: revisionOf(b)}
 	st.policy, st.err = ParseJSON(b)
 	if st.err != nil {
 		st.err = fmt.Errorf("policy: %s: %w", s.cfg.Path, st.err)
 	}
 	return st, nil
+}
+
+// revisionOf is the revision of a file holding b: a hash of its bytes.
+func revisionOf(b []byte) Revision {
+	sum := sha256.Sum256(b)
+	return Revision(hex.EncodeToString(sum[:16]))
 }
 
 // Update implements Store. It works with or without Run.
@@ -172,8 +177,7 @@ func (s *FileStore) Update(ctx context.Context, mutate func(Policy) (Policy, err
 		if err := atomicfile.Write(s.cfg.Path, b, 0o644); err != nil {
 			return Policy{}, fmt.Errorf("policy: %w", err)
 		}
-		sum := sha256.Sum256(b)
-		s.Set(next, Revision(hex.EncodeToString(sum[:16])))
+		s.Set(next, revisionOf(b))
 		return clonePolicy(next), nil
 	}
 }
