@@ -138,23 +138,28 @@ func (s *Store) sync() {
 // is what was stored; Current shows it once the watch delivers it.
 func (s *Store) Update(ctx context.Context, mutate func(policy.Policy) (policy.Policy, error)) (policy.Policy, error) {
 	var out policy.Policy
-	lost := func(err error) bool { return apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) }
-	err := retry.OnError(s.cfg.Retry, lost, func() error {
+	err := retry.OnError(s.cfg.Retry, lostRace, func() error {
 		var err error
 		out, err = s.attempt(ctx, mutate)
-		if lost(err) {
+		if lostRace(err) {
 			s.cfg.Metrics.Conflict()
 			s.cfg.Logger.Debug("mTLS policy update lost a race; retrying", "error", err)
 		}
 		return err
 	})
-	if lost(err) {
+	if lostRace(err) {
 		return policy.Policy{}, fmt.Errorf("kubestore: configmap %s/%s: still conflicting after %d attempts: %w", s.cfg.Namespace, s.cfg.Name, s.cfg.Retry.Steps, err)
 	}
 	if err != nil {
 		return policy.Policy{}, err
 	}
 	return out, nil
+}
+
+// lostRace reports whether a write failed because another writer changed
+// or created the ConfigMap first: Update starts over on a fresh read.
+func lostRace(err error) bool {
+	return apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err)
 }
 
 // attempt is one read-modify-write. It returns API errors unwrapped so
@@ -198,7 +203,7 @@ func (s *Store) attempt(ctx context.Context, mutate func(policy.Policy) (policy.
 		_, err = cms.Update(rctx, cm, metav1.UpdateOptions{FieldManager: "meshca"})
 	}
 	if err != nil {
-		if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) {
+		if lostRace(err) {
 			return policy.Policy{}, err
 		}
 		return policy.Policy{}, fmt.Errorf("kubestore: writing configmap %s/%s: %w", s.cfg.Namespace, s.cfg.Name, err)
