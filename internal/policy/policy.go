@@ -53,11 +53,9 @@ func (p Policy) Validate() error {
 // "" becomes STRICT). Two policies that mean the same normalize to equal
 // values, so revisions compare meaning, not spelling.
 func (p Policy) Normalize() (Policy, error) {
-	out := Policy{Enabled: p.Enabled, Mode: Mode(strings.ToUpper(strings.TrimSpace(string(p.Mode))))}
+	out := Policy{Enabled: p.Enabled, Mode: p.EffectiveMode()}
 	var errs []error
 	switch out.Mode {
-	case "":
-		out.Mode = ModeStrict
 	case ModeStrict, ModePermissive:
 	case ModeDisable:
 		errs = append(errs, fmt.Errorf("mode %s: set enabled to false instead", ModeDisable))
