@@ -226,7 +226,6 @@ func (in Input) normalize() (Input, error) {
 
 // target is what an excluded name designates in this cluster.
 type target struct {
-	host      string
 	namespace string // of the service or namespace; "" when neither
 	service   bool   // an exact service, rather than a whole namespace
 }
@@ -235,7 +234,7 @@ type target struct {
 // "<name>.<ns>.svc.<domain>", a namespace "*.<ns>.svc.<domain>", or
 // anything else (no namespace).
 func classify(host, domain string) target {
-	t := target{host: host}
+	var t target
 	rest, wild := strings.CutPrefix(host, "*.")
 	local, ok := strings.CutSuffix(rest, ".svc."+domain)
 	if !ok {
