@@ -31,20 +31,20 @@ const fileMode = 0o644
 
 // LDS returns the listeners as the DiscoveryResponse an LDS file holds.
 func (r *Resources) LDS() (*discoveryv3.DiscoveryResponse, error) {
-	msgs := make([]proto.Message, len(r.Listeners))
-	for i, l := range r.Listeners {
-		msgs[i] = l
-	}
-	return response(ListenerType, msgs)
+	return response(ListenerType, protos(r.Listeners))
 }
 
 // CDS returns the clusters as the DiscoveryResponse a CDS file holds.
 func (r *Resources) CDS() (*discoveryv3.DiscoveryResponse, error) {
-	msgs := make([]proto.Message, len(r.Clusters))
-	for i, c := range r.Clusters {
-		msgs[i] = c
+	return response(ClusterType, protos(r.Clusters))
+}
+
+func protos[M proto.Message](ms []M) []proto.Message {
+	out := make([]proto.Message, len(ms))
+	for i, m := range ms {
+		out[i] = m
 	}
-	return response(ClusterType, msgs)
+	return out
 }
 
 // response packs msgs; its version is a hash of their content, so an

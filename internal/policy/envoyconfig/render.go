@@ -91,23 +91,12 @@ func Render(p Proxy) (*Resources, error) {
 		r.Listeners = append(r.Listeners, l)
 		r.Clusters = append(r.Clusters, c)
 	}
-	for _, m := range r.messages() {
+	for _, m := range append(protos(r.Listeners), protos(r.Clusters)...) {
 		if err := Validate(m); err != nil {
 			return nil, err
 		}
 	}
 	return r, nil
-}
-
-func (r *Resources) messages() []proto.Message {
-	var out []proto.Message
-	for _, l := range r.Listeners {
-		out = append(out, l)
-	}
-	for _, c := range r.Clusters {
-		out = append(out, c)
-	}
-	return out
 }
 
 func inboundListener(p Proxy) (*listenerv3.Listener, error) {
@@ -294,12 +283,7 @@ func staticCluster(name, host string, port uint32, isIP bool) *clusterv3.Cluster
 	return &clusterv3.Cluster{
 		Name:                 name,
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: typ},
-		LoadAssignment: loadAssignment(name, &corev3.Address{Address: &corev3.Address_SocketAddress{
-			SocketAddress: &corev3.SocketAddress{
-				Address:       host,
-				PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
-			},
-		}}),
+		LoadAssignment:       loadAssignment(name, hostAddress(host, port)),
 	}
 }
 
@@ -315,9 +299,14 @@ func loadAssignment(cluster string, addr *corev3.Address) *endpointv3.ClusterLoa
 }
 
 func socketAddress(ap netip.AddrPort) *corev3.Address {
+	return hostAddress(ap.Addr().String(), uint32(ap.Port()))
+}
+
+// hostAddress is a TCP address: an IP address, or a name for a DNS cluster.
+func hostAddress(host string, port uint32) *corev3.Address {
 	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-		Address:       ap.Addr().String(),
-		PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(ap.Port())},
+		Address:       host,
+		PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
 	}}}
 }
 
