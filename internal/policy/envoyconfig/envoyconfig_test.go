@@ -77,29 +77,55 @@ var cases = []struct {
 func TestGolden(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			r, err := envoyconfig.Render(proxy(c.pol))
-			if err != nil {
-				t.Fatal(err)
-			}
-			lds, cds, err := r.Files()
-			if err != nil {
-				t.Fatal(err)
-			}
+			r := render(t, proxy(c.pol))
+			lds, cds := files(t, r)
 			golden(t, c.name+".lds.json", lds)
 			golden(t, c.name+".cds.json", cds)
 		})
 	}
 	t.Run("bootstrap", func(t *testing.T) {
-		b, err := envoyconfig.Bootstrap(proxy(cases[0].pol), "/etc/meshca/envoy")
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, err := envoyconfig.Marshal(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		golden(t, "bootstrap.json", data)
+		golden(t, "bootstrap.json", marshal(t, bootstrap(t, "/etc/meshca/envoy")))
 	})
+}
+
+// render renders p, which must be valid.
+func render(t *testing.T, p envoyconfig.Proxy) *envoyconfig.Resources {
+	t.Helper()
+	r, err := envoyconfig.Render(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// files returns the contents of r's LDS and CDS files.
+func files(t *testing.T, r *envoyconfig.Resources) (lds, cds []byte) {
+	t.Helper()
+	lds, cds, err := r.Files()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lds, cds
+}
+
+// bootstrap is the bootstrap of the strict case's proxy, reading its
+// files in dir.
+func bootstrap(t *testing.T, dir string) *bootstrapv3.Bootstrap {
+	t.Helper()
+	b, err := envoyconfig.Bootstrap(proxy(cases[0].pol), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func marshal(t *testing.T, m proto.Message) []byte {
+	t.Helper()
+	data, err := envoyconfig.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
 }
 
 func golden(t *testing.T, name string, got []byte) {
@@ -123,10 +149,7 @@ func golden(t *testing.T, name string, got []byte) {
 func TestModes(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			r, err := envoyconfig.Render(proxy(c.pol))
-			if err != nil {
-				t.Fatal(err)
-			}
+			r := render(t, proxy(c.pol))
 			in := listener(t, r, envoyconfig.InboundListener)
 			if len(in.GetListenerFilters()) != 1 || in.GetListenerFilters()[0].GetTypedConfig().GetTypeUrl() !=
 				"type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" {
@@ -205,10 +228,7 @@ func checkCommon(t *testing.T, c *tlsv3.CommonTlsContext) {
 func TestNoTrustDomainSkipsTheSANCheck(t *testing.T) {
 	p := proxy(policy.Policy{Enabled: true})
 	p.TrustDomain = spiffeid.TrustDomain{}
-	r, err := envoyconfig.Render(p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := render(t, p)
 	ctx := &tlsv3.DownstreamTlsContext{}
 	unpack(t, listener(t, r, envoyconfig.InboundListener).GetFilterChains()[0].GetTransportSocket().GetTypedConfig(), ctx)
 	if got := ctx.GetCommonTlsContext().GetValidationContextSdsSecretConfig().GetName(); got != "ROOTCA" {
@@ -219,14 +239,8 @@ func TestNoTrustDomainSkipsTheSANCheck(t *testing.T) {
 func TestRoundTrip(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			r, err := envoyconfig.Render(proxy(c.pol))
-			if err != nil {
-				t.Fatal(err)
-			}
-			lds, cds, err := r.Files()
-			if err != nil {
-				t.Fatal(err)
-			}
+			r := render(t, proxy(c.pol))
+			lds, cds := files(t, r)
 			back, err := envoyconfig.Parse(lds, cds)
 			if err != nil {
 				t.Fatal(err)
@@ -254,14 +268,8 @@ func TestRoundTrip(t *testing.T) {
 		})
 	}
 	t.Run("bootstrap", func(t *testing.T) {
-		b, err := envoyconfig.Bootstrap(proxy(cases[0].pol), "/etc/meshca/envoy")
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, err := envoyconfig.Marshal(b)
-		if err != nil {
-			t.Fatal(err)
-		}
+		b := bootstrap(t, "/etc/meshca/envoy")
+		data := marshal(t, b)
 		back := &bootstrapv3.Bootstrap{}
 		if err := protojson.Unmarshal(data, back); err != nil {
 			t.Fatal(err)
@@ -286,10 +294,7 @@ func TestRoundTrip(t *testing.T) {
 
 func TestVersionFollowsContent(t *testing.T) {
 	version := func(pol policy.Policy) string {
-		r, err := envoyconfig.Render(proxy(pol))
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := render(t, proxy(pol))
 		resp, err := r.LDS()
 		if err != nil {
 			t.Fatal(err)
@@ -308,17 +313,11 @@ func TestVersionFollowsContent(t *testing.T) {
 func TestWrite(t *testing.T) {
 	dir := t.TempDir()
 	for _, c := range cases[:2] {
-		r, err := envoyconfig.Render(proxy(c.pol))
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := render(t, proxy(c.pol))
 		if err := envoyconfig.Write(dir, r); err != nil {
 			t.Fatal(err)
 		}
-		lds, cds, err := r.Files()
-		if err != nil {
-			t.Fatal(err)
-		}
+		lds, cds := files(t, r)
 		for name, want := range map[string][]byte{envoyconfig.LDSFile: lds, envoyconfig.CDSFile: cds} {
 			got, err := os.ReadFile(filepath.Join(dir, name))
 			if err != nil {
@@ -341,10 +340,7 @@ func TestWrite(t *testing.T) {
 	if len(entries) != 2 {
 		t.Errorf("directory holds %d entries, want the 2 files", len(entries))
 	}
-	b, err := envoyconfig.Bootstrap(proxy(cases[0].pol), dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := bootstrap(t, dir)
 	path := filepath.Join(t.TempDir(), "envoy.json")
 	if err := envoyconfig.WriteBootstrap(path, b); err != nil {
 		t.Fatal(err)
@@ -411,10 +407,7 @@ func TestInvalidProxies(t *testing.T) {
 }
 
 func TestValidateLooksInsideAnys(t *testing.T) {
-	r, err := envoyconfig.Render(proxy(policy.Policy{Enabled: true}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := render(t, proxy(policy.Policy{Enabled: true}))
 	l := proto.Clone(listener(t, r, envoyconfig.InboundListener)).(*listenerv3.Listener)
 	// A tcp_proxy without a stat prefix: the listener's own rules cannot see it.
 	bad, err := anypb.New(&tcpproxyv3.TcpProxy{ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "x"}})
@@ -438,14 +431,8 @@ func TestValidateLooksInsideAnys(t *testing.T) {
 }
 
 func TestParseRefusesOtherTypes(t *testing.T) {
-	r, err := envoyconfig.Render(proxy(policy.Policy{Enabled: true}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	lds, cds, err := r.Files()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := render(t, proxy(policy.Policy{Enabled: true}))
+	lds, cds := files(t, r)
 	if _, err := envoyconfig.Parse(cds, lds); err == nil {
 		t.Error("Parse accepted the files swapped")
 	}
