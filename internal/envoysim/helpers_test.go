@@ -195,6 +195,13 @@ type proxy struct {
 func run(t *testing.T, ctx context.Context, p envoyconfig.Proxy) *proxy {
 	t.Helper()
 	dir := t.TempDir()
+	write(t, dir, p)
+	return start(t, ctx, writeBootstrap(t, p, dir), dir)
+}
+
+// write renders p into the LDS and CDS files in dir.
+func write(t *testing.T, dir string, p envoyconfig.Proxy) *envoyconfig.Resources {
+	t.Helper()
 	res, err := envoyconfig.Render(p)
 	if err != nil {
 		t.Fatal(err)
@@ -202,6 +209,13 @@ func run(t *testing.T, ctx context.Context, p envoyconfig.Proxy) *proxy {
 	if err := envoyconfig.Write(dir, res); err != nil {
 		t.Fatal(err)
 	}
+	return res
+}
+
+// writeBootstrap writes p's bootstrap, reading its files in dir, and
+// returns its path.
+func writeBootstrap(t *testing.T, p envoyconfig.Proxy, dir string) string {
+	t.Helper()
 	b, err := envoyconfig.Bootstrap(p, dir)
 	if err != nil {
 		t.Fatal(err)
@@ -210,7 +224,7 @@ func run(t *testing.T, ctx context.Context, p envoyconfig.Proxy) *proxy {
 	if err := envoyconfig.WriteBootstrap(path, b); err != nil {
 		t.Fatal(err)
 	}
-	return start(t, ctx, path, dir)
+	return path
 }
 
 // start runs a simulator on the bootstrap at path until the test ends.
@@ -241,19 +255,13 @@ func start(t *testing.T, ctx context.Context, path, dir string) *proxy {
 // simulator uses them.
 func (px *proxy) apply(t *testing.T, ctx context.Context, p envoyconfig.Proxy) {
 	t.Helper()
-	res, err := envoyconfig.Render(p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := write(t, px.dir, p)
 	lds, err := res.LDS()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cds, err := res.CDS()
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := envoyconfig.Write(px.dir, res); err != nil {
 		t.Fatal(err)
 	}
 	px.poll()

@@ -359,16 +359,7 @@ func TestNewChecksTheBootstrap(t *testing.T) {
 
 func TestRunNeedsTheFiles(t *testing.T) {
 	p := service(dbFQDN, netip.MustParseAddrPort("127.0.0.1:1"), "/nonexistent/agent.sock", policies[0].pol)
-	dir := t.TempDir()
-	b, err := envoyconfig.Bootstrap(p, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "bootstrap.json")
-	if err := envoyconfig.WriteBootstrap(path, b); err != nil {
-		t.Fatal(err)
-	}
-	sim, err := envoysim.New(envoysim.Config{Bootstrap: path})
+	sim, err := envoysim.New(envoysim.Config{Bootstrap: writeBootstrap(t, p, t.TempDir())})
 	if err != nil {
 		t.Fatal(err)
 	}
