@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -119,6 +120,25 @@ func WorkloadID(td spiffeid.TrustDomain, namespace, serviceAccount string) (spif
 		return spiffeid.ID{}, fmt.Errorf("identity: %w", err)
 	}
 	return id, nil
+}
+
+// ServiceAccountUserPrefix starts the user name Kubernetes gives a service
+// account, and the sub claim of its tokens.
+const ServiceAccountUserPrefix = "system:serviceaccount:"
+
+// ParseServiceAccountUser splits a service account's Kubernetes user name,
+// "system:serviceaccount:<namespace>:<name>". It checks the shape only;
+// WorkloadID validates the names.
+func ParseServiceAccountUser(user string) (namespace, serviceAccount string, ok bool) {
+	rest, ok := strings.CutPrefix(user, ServiceAccountUserPrefix)
+	if !ok {
+		return "", "", false
+	}
+	namespace, serviceAccount, ok = strings.Cut(rest, ":")
+	if !ok || namespace == "" || serviceAccount == "" || strings.Contains(serviceAccount, ":") {
+		return "", "", false
+	}
+	return namespace, serviceAccount, true
 }
 
 // validateLabel accepts lower-case RFC 1123 names: dot-separated labels of

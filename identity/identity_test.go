@@ -138,3 +138,25 @@ func TestDeny(t *testing.T) {
 		t.Errorf("Error() without cause = %q, want %q", got, want)
 	}
 }
+
+func TestParseServiceAccountUser(t *testing.T) {
+	for _, tc := range []struct {
+		user   string
+		ns, sa string
+		ok     bool
+	}{
+		{"system:serviceaccount:shop:cart", "shop", "cart", true},
+		{"system:serviceaccount:shop:cart.v2", "shop", "cart.v2", true},
+		{"alice", "", "", false},
+		{"system:serviceaccount:shop", "", "", false},
+		{"system:serviceaccount::cart", "", "", false},
+		{"system:serviceaccount:shop:", "", "", false},
+		{"system:serviceaccount:shop:cart:x", "", "", false},
+		{"System:serviceaccount:shop:cart", "", "", false},
+	} {
+		ns, sa, ok := identity.ParseServiceAccountUser(tc.user)
+		if ns != tc.ns || sa != tc.sa || ok != tc.ok {
+			t.Errorf("ParseServiceAccountUser(%q) = %q, %q, %v; want %q, %q, %v", tc.user, ns, sa, ok, tc.ns, tc.sa, tc.ok)
+		}
+	}
+}

@@ -12,6 +12,20 @@ const (
 	ClusterIDKey     = "clusterid"
 )
 
+// IstioDefaultCluster is the ClusterID Istio's agent sends unless told
+// otherwise.
+const IstioDefaultCluster = "Kubernetes"
+
+// ServesCluster reports whether the authority of cluster own answers for a
+// credential naming cluster id: one naming no cluster or own, and, when own
+// is empty, one naming IstioDefaultCluster.
+func ServesCluster(own, id string) bool {
+	if id == "" || id == own {
+		return true
+	}
+	return own == "" && id == IstioDefaultCluster
+}
+
 // ErrNoBearerToken is the denial for a request without exactly one bearer
 // token.
 var ErrNoBearerToken = Deny(ReasonMissing, "no bearer token in the %q metadata", AuthorizationKey)

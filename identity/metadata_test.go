@@ -30,3 +30,22 @@ func TestCredentialFromMetadata(t *testing.T) {
 		})
 	}
 }
+
+func TestServesCluster(t *testing.T) {
+	for _, tc := range []struct {
+		own, id string
+		want    bool
+	}{
+		{"", "", true},
+		{"", "Kubernetes", true},
+		{"", "east", false},
+		{"east", "", true},
+		{"east", "east", true},
+		{"east", "Kubernetes", false},
+		{"east", "west", false},
+	} {
+		if got := identity.ServesCluster(tc.own, tc.id); got != tc.want {
+			t.Errorf("ServesCluster(%q, %q) = %v, want %v", tc.own, tc.id, got, tc.want)
+		}
+	}
+}

@@ -23,7 +23,6 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -48,9 +47,6 @@ const (
 	// maxTokenSize bounds the work an unauthenticated caller can cause.
 	// Kubernetes tokens are around 1 KiB.
 	maxTokenSize = 16 << 10
-	// istioDefaultCluster is the cluster ID Istio sends when none is set.
-	istioDefaultCluster = "Kubernetes"
-	saSubjectPrefix     = "system:serviceaccount:"
 )
 
 // Config configures an Authority.
@@ -216,7 +212,7 @@ func (a *Authority) Mint(req MintRequest) (string, error) {
 	now := a.clock.Now()
 	std := jwt.Claims{
 		Issuer:    a.issuer,
-		Subject:   saSubjectPrefix + req.Namespace + ":" + req.ServiceAccount,
+		Subject:   identity.ServiceAccountUserPrefix + req.Namespace + ":" + req.ServiceAccount,
 		Audience:  jwt.Audience(audiences),
 		Expiry:    jwt.NewNumericDate(now.Add(ttl)),
 		NotBefore: jwt.NewNumericDate(now),
@@ -248,7 +244,7 @@ func (a *Authority) Authenticate(_ context.Context, cred identity.Credential) (i
 	}
 	// A token for another cluster cannot verify here; say so rather than
 	// reporting a misleading signature failure.
-	if !a.acceptsCluster(cred.ClusterID) {
+	if !identity.ServesCluster(a.clusterID, cred.ClusterID) {
 		return identity.Caller{}, identity.Deny(identity.ReasonUnknownCluster,
 			"cluster %q is not served by this authority (want %s)", cred.ClusterID, a.wantCluster())
 	}
@@ -283,7 +279,7 @@ func (a *Authority) Authenticate(_ context.Context, cred identity.Credential) (i
 			"token audiences %q do not include any of %q", []string(std.Audience), a.audiences)
 	}
 
-	ns, sa, ok := parseSubject(std.Subject)
+	ns, sa, ok := identity.ParseServiceAccountUser(std.Subject)
 	if !ok {
 		return identity.Caller{}, identity.Deny(identity.ReasonNotServiceAccount,
 			"token subject %q is not a service account", std.Subject)
@@ -320,16 +316,9 @@ func (a *Authority) Authenticate(_ context.Context, cred identity.Credential) (i
 	return caller, nil
 }
 
-func (a *Authority) acceptsCluster(id string) bool {
-	if id == "" || id == a.clusterID {
-		return true
-	}
-	return a.clusterID == "" && id == istioDefaultCluster
-}
-
 func (a *Authority) wantCluster() string {
 	if a.clusterID == "" {
-		return fmt.Sprintf("%q or %q", "", istioDefaultCluster)
+		return fmt.Sprintf("%q or %q", "", identity.IstioDefaultCluster)
 	}
 	return fmt.Sprintf("%q or %q", "", a.clusterID)
 }
@@ -358,19 +347,6 @@ func (a *Authority) checkTimes(c jwt.Claims) error {
 		}
 	}
 	return nil
-}
-
-// parseSubject splits "system:serviceaccount:<ns>:<sa>".
-func parseSubject(sub string) (ns, sa string, ok bool) {
-	rest, ok := strings.CutPrefix(sub, saSubjectPrefix)
-	if !ok {
-		return "", "", false
-	}
-	ns, sa, ok = strings.Cut(rest, ":")
-	if !ok || ns == "" || sa == "" || strings.Contains(sa, ":") {
-		return "", "", false
-	}
-	return ns, sa, true
 }
 
 // serviceAccountUID derives a stable UID for a service account, as the API

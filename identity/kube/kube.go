@@ -35,11 +35,8 @@ const (
 	extraPodUID   = "authentication.kubernetes.io/pod-uid"
 	extraNodeName = "authentication.kubernetes.io/node-name"
 	saGroup       = "system:serviceaccounts"
-	saUserPrefix  = "system:serviceaccount:"
 	// reviewTimeout bounds one TokenReview call.
 	reviewTimeout = 10 * time.Second
-	// istioDefaultCluster is the ClusterID Istio's agent sends by default.
-	istioDefaultCluster = "Kubernetes"
 )
 
 // Config configures an Authenticator.
@@ -130,7 +127,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, cred identity.Credenti
 	if cred.Token == "" {
 		return identity.Caller{}, identity.Deny(identity.ReasonMissing, "no token")
 	}
-	if !a.acceptsCluster(cred.ClusterID) {
+	if !identity.ServesCluster(a.cfg.ClusterID, cred.ClusterID) {
 		return identity.Caller{}, identity.Deny(identity.ReasonUnknownCluster, "unknown cluster %q", cred.ClusterID)
 	}
 	key := a.cacheKey(cred.Token)
@@ -216,13 +213,6 @@ func bindingDenial(r identity.Reason, err error) error {
 	return identity.Deny(identity.ReasonUnavailable, "%v", err)
 }
 
-func (a *Authenticator) acceptsCluster(id string) bool {
-	if id == "" || id == a.cfg.ClusterID {
-		return true
-	}
-	return a.cfg.ClusterID == "" && id == istioDefaultCluster
-}
-
 func (a *Authenticator) cacheKey(token string) string {
 	m := hmac.New(sha256.New, a.hashKey)
 	m.Write(a.audiences)
@@ -305,12 +295,10 @@ func classify(msg string) error {
 }
 
 func serviceAccount(u authnv1.UserInfo) (ns, sa string, ok bool) {
-	rest, ok := strings.CutPrefix(u.Username, saUserPrefix)
-	if !ok || !slices.Contains(u.Groups, saGroup) {
+	if !slices.Contains(u.Groups, saGroup) {
 		return "", "", false
 	}
-	ns, sa, ok = strings.Cut(rest, ":")
-	return ns, sa, ok && ns != "" && sa != "" && !strings.Contains(sa, ":")
+	return identity.ParseServiceAccountUser(u.Username)
 }
 
 func intersects(a, b []string) bool {
