@@ -61,7 +61,6 @@ type member struct {
 	mu     sync.RWMutex
 	err    error // why the member cannot serve yet; nil once it can
 	cancel context.CancelFunc
-	done   chan struct{}
 }
 
 func (m *member) usable() error {
@@ -178,18 +177,15 @@ func (r *Router) Run(ctx context.Context) error {
 // start runs mem in its own goroutine; r.mu is held.
 func (r *Router) start(mem *member, checked bool) {
 	ctx, cancel := context.WithCancel(r.runCtx)
-	mem.cancel, mem.done = cancel, make(chan struct{})
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		defer close(mem.done)
+	mem.cancel = cancel
+	r.wg.Go(func() {
 		if !checked && !r.checkUntilAllowed(ctx, mem) {
 			return
 		}
 		if err := mem.m.Run(ctx); err != nil {
 			r.cfg.Logger.Error("cluster stopped", "cluster", mem.id, "err", err)
 		}
-	}()
+	})
 }
 
 func (r *Router) checkUntilAllowed(ctx context.Context, mem *member) bool {
