@@ -186,7 +186,7 @@ func (x *Index) lookup(ctx context.Context, k *kindIndex, ns, name, uid string) 
 	key := k.kind + "/" + ns + "/" + name + "/" + uid
 	if x.absent.has(key, x.cfg.Clock.Now()) {
 		x.cfg.Metrics.lookups.WithLabelValues(x.cfg.Cluster, k.kind, "absent").Inc()
-		return "", fmt.Errorf("%w: %s %s/%s (uid %s)", ErrGone, k.kind, ns, name, uid)
+		return "", k.gone(ns, name, uid)
 	}
 	x.cfg.Metrics.lookups.WithLabelValues(x.cfg.Cluster, k.kind, "api").Inc()
 	v, err, _ := x.flight.Do(key, func() (any, error) {
@@ -196,7 +196,7 @@ func (x *Index) lookup(ctx context.Context, k *kindIndex, ns, name, uid string) 
 		switch {
 		case apierrors.IsNotFound(err) || err == nil && got != uid:
 			x.absent.add(key, x.cfg.Clock.Now().Add(x.cfg.AbsentTTL))
-			return "", fmt.Errorf("%w: %s %s/%s (uid %s)", ErrGone, k.kind, ns, name, uid)
+			return "", k.gone(ns, name, uid)
 		case err != nil:
 			return "", fmt.Errorf("kube: looking up %s %s/%s: %w", k.kind, ns, name, err)
 		}
@@ -206,6 +206,10 @@ func (x *Index) lookup(ctx context.Context, k *kindIndex, ns, name, uid string) 
 		return "", err
 	}
 	return v.(string), nil
+}
+
+func (k *kindIndex) gone(ns, name, uid string) error {
+	return fmt.Errorf("%w: %s %s/%s (uid %s)", ErrGone, k.kind, ns, name, uid)
 }
 
 // absentSet remembers confirmed absences until they expire, bounded in size.
