@@ -74,9 +74,6 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kube: cluster %q: %w", cfg.ID, err)
 	}
-	if cfg.Metrics == nil {
-		cfg.Metrics = NewMetrics(nil)
-	}
 	c := &Cluster{id: cfg.ID, client: client, perms: RequiredPermissions(!cfg.NoBinding)}
 	var objects Objects
 	if !cfg.NoBinding {
