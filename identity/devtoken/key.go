@@ -21,29 +21,26 @@ import (
 // an error rather than something to overwrite: replacing it would silently
 // invalidate every token already handed out.
 func loadOrCreateKey(path string) (key *ecdsa.PrivateKey, created bool, err error) {
-	if path == "" {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			return nil, false, fmt.Errorf("devtoken: generating key: %w", err)
+	if path != "" {
+		data, err := os.ReadFile(path)
+		switch {
+		case err == nil:
+			key, err := parseKey(data)
+			if err != nil {
+				return nil, false, fmt.Errorf("devtoken: key file %s: %w (remove it to generate a new key)", path, err)
+			}
+			return key, false, nil
+		case !errors.Is(err, fs.ErrNotExist):
+			return nil, false, fmt.Errorf("devtoken: reading key file: %w", err)
 		}
-		return key, true, nil
-	}
-
-	data, err := os.ReadFile(path)
-	switch {
-	case err == nil:
-		key, err := parseKey(data)
-		if err != nil {
-			return nil, false, fmt.Errorf("devtoken: key file %s: %w (remove it to generate a new key)", path, err)
-		}
-		return key, false, nil
-	case !errors.Is(err, fs.ErrNotExist):
-		return nil, false, fmt.Errorf("devtoken: reading key file: %w", err)
 	}
 
 	key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, false, fmt.Errorf("devtoken: generating key: %w", err)
+	}
+	if path == "" {
+		return key, true, nil
 	}
 	der, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
