@@ -329,6 +329,10 @@ func TestAuthenticateFailures(t *testing.T) {
 		t.Fatal(err)
 	}
 	valid := mint(t, a, devtoken.MintRequest{Namespace: "default", ServiceAccount: "web"})
+	// signed signs the valid claims, broken by mutate, with a's own key.
+	signed := func(mutate func(map[string]any)) func(*testing.T) string {
+		return func(t *testing.T) string { return sign(t, jose.ES256, key, claims(mutate)) }
+	}
 
 	tests := []struct {
 		name    string
@@ -404,44 +408,34 @@ func TestAuthenticateFailures(t *testing.T) {
 			msg:   "ES384",
 		},
 		{
-			name: "wrong issuer",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["iss"] = "kubernetes/serviceaccount" }))
-			},
-			want: identity.ReasonInvalid,
-			msg:  `token issuer "kubernetes/serviceaccount" is not "meshca-dev"`,
+			name:  "wrong issuer",
+			token: signed(func(c map[string]any) { c["iss"] = "kubernetes/serviceaccount" }),
+			want:  identity.ReasonInvalid,
+			msg:   `token issuer "kubernetes/serviceaccount" is not "meshca-dev"`,
 		},
 		{
-			name: "no expiry",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { delete(c, "exp") }))
-			},
-			want: identity.ReasonInvalid,
-			msg:  "no expiry",
+			name:  "no expiry",
+			token: signed(func(c map[string]any) { delete(c, "exp") }),
+			want:  identity.ReasonInvalid,
+			msg:   "no expiry",
 		},
 		{
-			name: "expired",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["exp"] = t0.Add(-time.Minute).Unix() }))
-			},
-			want: identity.ReasonExpired,
-			msg:  "expired at",
+			name:  "expired",
+			token: signed(func(c map[string]any) { c["exp"] = t0.Add(-time.Minute).Unix() }),
+			want:  identity.ReasonExpired,
+			msg:   "expired at",
 		},
 		{
-			name: "not yet valid",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["nbf"] = t0.Add(time.Minute).Unix() }))
-			},
-			want: identity.ReasonExpired,
-			msg:  "not valid before",
+			name:  "not yet valid",
+			token: signed(func(c map[string]any) { c["nbf"] = t0.Add(time.Minute).Unix() }),
+			want:  identity.ReasonExpired,
+			msg:   "not valid before",
 		},
 		{
-			name: "issued in the future",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["iat"] = t0.Add(time.Minute).Unix() }))
-			},
-			want: identity.ReasonExpired,
-			msg:  "issued in the future",
+			name:  "issued in the future",
+			token: signed(func(c map[string]any) { c["iat"] = t0.Add(time.Minute).Unix() }),
+			want:  identity.ReasonExpired,
+			msg:   "issued in the future",
 		},
 		{
 			name: "wrong audience",
@@ -452,61 +446,47 @@ func TestAuthenticateFailures(t *testing.T) {
 			msg:  `token audiences ["x"] do not include any of ["meshca"]`,
 		},
 		{
-			name: "no audience",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { delete(c, "aud") }))
-			},
-			want: identity.ReasonWrongAudience,
-			msg:  "do not include",
+			name:  "no audience",
+			token: signed(func(c map[string]any) { delete(c, "aud") }),
+			want:  identity.ReasonWrongAudience,
+			msg:   "do not include",
 		},
 		{
-			name: "user subject",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["sub"] = "user:alice" }))
-			},
-			want: identity.ReasonNotServiceAccount,
-			msg:  `"user:alice" is not a service account`,
+			name:  "user subject",
+			token: signed(func(c map[string]any) { c["sub"] = "user:alice" }),
+			want:  identity.ReasonNotServiceAccount,
+			msg:   `"user:alice" is not a service account`,
 		},
 		{
-			name: "subject without service account",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["sub"] = "system:serviceaccount:default" }))
-			},
-			want: identity.ReasonNotServiceAccount,
-			msg:  "is not a service account",
+			name:  "subject without service account",
+			token: signed(func(c map[string]any) { c["sub"] = "system:serviceaccount:default" }),
+			want:  identity.ReasonNotServiceAccount,
+			msg:   "is not a service account",
 		},
 		{
-			name: "subject with extra segment",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["sub"] = "system:serviceaccount:default:web:x" }))
-			},
-			want: identity.ReasonNotServiceAccount,
-			msg:  "is not a service account",
+			name:  "subject with extra segment",
+			token: signed(func(c map[string]any) { c["sub"] = "system:serviceaccount:default:web:x" }),
+			want:  identity.ReasonNotServiceAccount,
+			msg:   "is not a service account",
 		},
 		{
-			name: "subject disagrees with kubernetes.io claim",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { c["sub"] = "system:serviceaccount:kube-system:web" }))
-			},
-			want: identity.ReasonNotServiceAccount,
-			msg:  "does not match its kubernetes.io claim",
+			name:  "subject disagrees with kubernetes.io claim",
+			token: signed(func(c map[string]any) { c["sub"] = "system:serviceaccount:kube-system:web" }),
+			want:  identity.ReasonNotServiceAccount,
+			msg:   "does not match its kubernetes.io claim",
 		},
 		{
-			name: "no kubernetes.io claim",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) { delete(c, "kubernetes.io") }))
-			},
-			want: identity.ReasonNotServiceAccount,
-			msg:  "no kubernetes.io claim",
+			name:  "no kubernetes.io claim",
+			token: signed(func(c map[string]any) { delete(c, "kubernetes.io") }),
+			want:  identity.ReasonNotServiceAccount,
+			msg:   "no kubernetes.io claim",
 		},
 		{
 			name: "invalid namespace",
-			token: func(t *testing.T) string {
-				return sign(t, jose.ES256, key, claims(func(c map[string]any) {
-					c["sub"] = "system:serviceaccount:Default:web"
-					c["kubernetes.io"].(map[string]any)["namespace"] = "Default"
-				}))
-			},
+			token: signed(func(c map[string]any) {
+				c["sub"] = "system:serviceaccount:Default:web"
+				c["kubernetes.io"].(map[string]any)["namespace"] = "Default"
+			}),
 			want: identity.ReasonNotServiceAccount,
 			msg:  "not a valid Kubernetes name",
 		},
