@@ -73,6 +73,12 @@ func writeFile(t testing.TB, name string, data []byte) string {
 	return path
 }
 
+// tokenReviews is how many TokenReviews the API server has answered.
+func tokenReviews(t testing.TB, env *testenv.Kube) float64 {
+	t.Helper()
+	return env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
+}
+
 // TestServerWithTokenReview runs `meshca server` the way it runs in
 // production, with TokenReview against a real API server, and the client
 // flow with a token from the TokenRequest API.
@@ -107,10 +113,7 @@ func TestServerWithTokenReview(t *testing.T) {
 		}
 		defer client.Close()
 		tok := env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, pod)
-		reviews := func() float64 {
-			return env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
-		}
-		before := reviews()
+		before := tokenReviews(t, env)
 		var wg sync.WaitGroup
 		errs := make(chan error, 1000)
 		for range 1000 {
@@ -129,7 +132,7 @@ func TestServerWithTokenReview(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if got := reviews() - before; got != 1 {
+		if got := tokenReviews(t, env) - before; got != 1 {
 			t.Fatalf("1,000 certificates cost %v TokenReviews, want 1", got)
 		}
 	})

@@ -25,7 +25,7 @@ import (
 // TokenRequest API, reviewed with the TokenReview API.
 
 // newCluster returns a running cluster authenticator (binding checks on)
-// acting as the admin, and the registry holding its metrics.
+// acting as the admin.
 func newCluster(t *testing.T, env *testenv.Kube, mod ...func(*kube.ClusterConfig)) *kube.Cluster {
 	t.Helper()
 	cfg := kube.ClusterConfig{ID: "Kubernetes", REST: env.Config(), TrustDomain: td}
@@ -94,7 +94,7 @@ func TestAgainstAPIServer(t *testing.T) {
 	})
 	t.Run("one review for 1,000 concurrent requests", func(t *testing.T) {
 		tok := env.Token(t, "shop", "cart", []string{"meshca"}, time.Hour, nil)
-		before := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
+		before := tokenReviews(t, env)
 		var wg sync.WaitGroup
 		errs := make(chan error, 1000)
 		for i := 0; i < 1000; i++ {
@@ -112,7 +112,7 @@ func TestAgainstAPIServer(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if got := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"}) - before; got != 1 {
+		if got := tokenReviews(t, env) - before; got != 1 {
 			t.Fatalf("the API server saw %v TokenReviews, want exactly 1", got)
 		}
 	})
@@ -159,7 +159,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		if _, err := a.Authenticate(ctx, identity.Credential{Token: tok}); err != nil {
 			t.Fatal(err)
 		}
-		reviews := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
+		reviews := tokenReviews(t, env)
 		env.Delete(t, "pod", "shop", "cart-2")
 		// The review is cached; the informer revokes it.
 		testenv.Eventually(t, "token of a deleted pod", func() error {
@@ -169,7 +169,7 @@ func TestAgainstAPIServer(t *testing.T) {
 			}
 			return nil
 		})
-		if got := env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"}) - reviews; got != 0 {
+		if got := tokenReviews(t, env) - reviews; got != 0 {
 			t.Errorf("revocation took %v TokenReviews, want 0 (the informer knows)", got)
 		}
 		// A deleted pod's token presented in a loop costs at most one GET
@@ -235,6 +235,12 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Fatalf("no recovery after the API server returned: %v", err)
 		}
 	})
+}
+
+// tokenReviews is how many TokenReviews the API server has answered.
+func tokenReviews(t *testing.T, env *testenv.Kube) float64 {
+	t.Helper()
+	return env.MetricValue(t, "apiserver_request_total", map[string]string{"resource": "tokenreviews"})
 }
 
 func getSA(t *testing.T, env *testenv.Kube, ns, name string) *corev1.ServiceAccount {
