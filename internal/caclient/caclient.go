@@ -22,6 +22,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -172,13 +173,10 @@ func (c *Client) Fetch(ctx context.Context, req Request) (*Credentials, error) {
 	if err != nil {
 		return nil, fmt.Errorf("caclient: generate key: %w", err)
 	}
-	// An empty template: the identity comes from the token, and the server
-	// refuses CSRs that ask for names anyway.
-	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	csrPEM, err := NewCSR(key)
 	if err != nil {
-		return nil, fmt.Errorf("caclient: create CSR: %w", err)
+		return nil, err
 	}
-	csrPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csrDER})
 
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
@@ -196,12 +194,31 @@ func (c *Client) Fetch(ctx context.Context, req Request) (*Credentials, error) {
 		// status.Code look through wrapping with errors.As.
 		return nil, fmt.Errorf("caclient: CreateCertificate at %s: %w", c.cfg.Address, err)
 	}
-	return c.verify(key, resp.GetCertChain())
+	creds, err := Verify(resp.GetCertChain(), key.Public(), c.cfg.TrustBundle)
+	if err != nil {
+		return nil, err
+	}
+	creds.Key = key
+	return creds, nil
 }
 
-// verify turns the server's cert_chain into Credentials for key, or explains
-// why it cannot be used.
-func (c *Client) verify(key crypto.Signer, elems []string) (*Credentials, error) {
+// NewCSR returns, in PEM, the CSR Fetch sends for key. Its template is
+// empty: the identity comes from the token, and the server refuses CSRs
+// that ask for names anyway.
+func NewCSR(key crypto.Signer) ([]byte, error) {
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		return nil, fmt.Errorf("caclient: create CSR: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
+}
+
+// Verify checks a CreateCertificate response's cert_chain as Fetch does: it
+// must verify against bundle, never against the root the server sent, and
+// certify pub. It returns the credentials without their Key, or an error
+// matching ErrMalformedChain or ErrUntrustedChain. The served root joins
+// Roots on the strength of a server that bundle authenticated.
+func Verify(elems []string, pub crypto.PublicKey, bundle []*x509.Certificate) (*Credentials, error) {
 	switch len(elems) {
 	case 0:
 		return nil, fmt.Errorf("%w: server returned no certificates", ErrMalformedChain)
@@ -231,16 +248,15 @@ func (c *Client) verify(key crypto.Signer, elems []string) (*Credentials, error)
 	if err != nil {
 		return nil, fmt.Errorf("%w: leaf: %v", ErrUntrustedChain, err)
 	}
-	bundle := x509bundle.FromX509Authorities(leafID.TrustDomain(), c.cfg.TrustBundle)
-	id, _, err := x509svid.Verify(chain, bundle)
+	id, _, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(leafID.TrustDomain(), bundle))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUntrustedChain, err)
 	}
-	if !publicKeyEqual(key.Public(), chain[0].PublicKey) {
+	if !publicKeyEqual(pub, chain[0].PublicKey) {
 		return nil, fmt.Errorf("%w: leaf certificate does not certify the generated key", ErrUntrustedChain)
 	}
 
-	roots := c.cfg.TrustBundle
+	roots := slices.Clone(bundle)
 	if !containsCert(roots, served) {
 		// A root we do not yet trust is accepted into the written bundle
 		// only because the server is already authenticated by our bundle
@@ -250,9 +266,7 @@ func (c *Client) verify(key crypto.Signer, elems []string) (*Credentials, error)
 		if err := checkRoot(served); err != nil {
 			return nil, fmt.Errorf("%w: last element: %v", ErrMalformedChain, err)
 		}
-		roots = append(append([]*x509.Certificate(nil), roots...), served)
-	} else {
-		roots = append([]*x509.Certificate(nil), roots...)
+		roots = append(roots, served)
 	}
 
 	notAfter := chain[0].NotAfter
@@ -264,8 +278,7 @@ func (c *Client) verify(key crypto.Signer, elems []string) (*Credentials, error)
 	}
 	return &Credentials{
 		ID:       id,
-		Key:      key,
-		Chain:    append([]*x509.Certificate(nil), chain...),
+		Chain:    slices.Clone(chain),
 		Roots:    dedup(roots),
 		NotAfter: notAfter,
 	}, nil
@@ -288,12 +301,7 @@ func publicKeyEqual(a, b crypto.PublicKey) bool {
 }
 
 func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
-	for _, s := range set {
-		if s.Equal(c) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(set, c.Equal)
 }
 
 // dedup drops repeated certificates, keeping the first occurrence, so a
