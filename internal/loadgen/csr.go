@@ -7,16 +7,10 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"sync"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	pb "istio.io/api/security/v1alpha1"
-
-	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/caclient"
 )
 
 // clientCSR is a pre-generated CSR and the public key it certifies.
@@ -36,26 +30,18 @@ func newCSRPool(n int) ([]clientCSR, error) {
 		if err != nil {
 			return nil, fmt.Errorf("loadgen: client key: %w", err)
 		}
-		csr, err := newCSR(key)
+		csr, err := caclient.NewCSR(key)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("loadgen: %w", err)
 		}
-		pool[i] = clientCSR{pem: csr, pub: key.Public()}
+		pool[i] = clientCSR{pem: string(csr), pub: key.Public()}
 	}
 	return pool, nil
 }
 
-func newCSR(key crypto.Signer) (string, error) {
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	if err != nil {
-		return "", fmt.Errorf("loadgen: create CSR: %w", err)
-	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), nil
-}
-
 // warmUp has every worker make one request, concurrently, and verifies
-// each response in full: the chain verifies against the trust bundle and
-// certifies the key of the CSR sent. It opens every connection (TLS
+// each response in full, as caclient does: the chain verifies against the
+// trust bundle and certifies the key of the CSR sent. It opens every connection (TLS
 // handshakes are not part of the timed phase) and proves the target issues
 // real certificates before any figure is taken.
 func warmUp(ctx context.Context, workers []*worker, pool []clientCSR, bundle []*x509.Certificate) error {
@@ -69,7 +55,9 @@ func warmUp(ctx context.Context, workers []*worker, pool []clientCSR, bundle []*
 				errs[i] = fmt.Errorf("loadgen: warm-up request: %w", err)
 				return
 			}
-			errs[i] = verifyResponse(resp, c.pub, bundle)
+			if _, err := caclient.Verify(resp.GetCertChain(), c.pub, bundle); err != nil {
+				errs[i] = fmt.Errorf("loadgen: warm-up response: %w", err)
+			}
 		})
 	}
 	wg.Wait()
@@ -78,34 +66,6 @@ func warmUp(ctx context.Context, workers []*worker, pool []clientCSR, bundle []*
 		if err != nil {
 			return err
 		}
-	}
-	return nil
-}
-
-func verifyResponse(resp *pb.IstioCertificateResponse, pub crypto.PublicKey, bundle []*x509.Certificate) error {
-	elems := resp.GetCertChain()
-	if len(elems) < 2 {
-		return fmt.Errorf("loadgen: warm-up response holds %d certificates, want a leaf and a root at least", len(elems))
-	}
-	// The last element is the server's root, which proves nothing; the
-	// chain must verify against our own bundle.
-	chain := make([]*x509.Certificate, 0, len(elems)-1)
-	for _, e := range elems[:len(elems)-1] {
-		certs, err := ca.ParseCerts([]byte(e))
-		if err != nil {
-			return fmt.Errorf("loadgen: warm-up response: %w", err)
-		}
-		chain = append(chain, certs...)
-	}
-	id, err := x509svid.IDFromCert(chain[0])
-	if err != nil {
-		return fmt.Errorf("loadgen: warm-up certificate: %w", err)
-	}
-	if _, _, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(id.TrustDomain(), bundle)); err != nil {
-		return fmt.Errorf("loadgen: warm-up certificate does not verify against the trust bundle: %w", err)
-	}
-	if k, ok := chain[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(pub) {
-		return errors.New("loadgen: warm-up certificate does not certify the key of the CSR sent")
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
+	"github.com/meshca/meshca/internal/caclient"
 )
 
 // maxReferenceOps bounds each reference measurement by count as well as by
@@ -62,9 +63,9 @@ func measureReferences(ctx context.Context, st *stack, token string, d time.Dura
 	if err != nil {
 		return refs, fmt.Errorf("loadgen: %w", err)
 	}
-	csr, err := newCSR(key)
+	csr, err := caclient.NewCSR(key)
 	if err != nil {
-		return refs, err
+		return refs, fmt.Errorf("loadgen: %w", err)
 	}
 
 	iss := st.authority.Issuer()
@@ -88,7 +89,7 @@ func measureReferences(ctx context.Context, st *stack, token string, d time.Dura
 		return refs, fmt.Errorf("loadgen: baseline: %w", err)
 	}
 
-	req := ca.Request{CSR: []byte(csr), ID: caller.ID}
+	req := ca.Request{CSR: csr, ID: caller.ID}
 	refs.Issue, err = measure(ctx, workers, d, func() error {
 		_, err := st.authority.Issue(ctx, req)
 		return err
