@@ -219,21 +219,19 @@ func rawTime(line, field []byte) (time.Time, bool) {
 
 // scanResult is what opening learns from one segment file.
 type scanResult struct {
-	seg     segment
-	serials map[string][]loc
+	seg segment
 	// tornAt is the offset of a final fragment without a newline, or -1.
 	tornAt int64
 	// lastCP is the seq and time of the last checkpoint in the segment.
 	lastCPSeq  uint64
 	lastCPTime time.Time
-	// lastBad reports that the last complete line does not parse.
-	lastBad bool
 }
 
-// scanSegment indexes one segment file. Lines that do not parse are counted
-// and skipped: reporting them is Verify's job.
+// scanSegment indexes one segment file, adding its issuances to serials.
+// Lines that do not parse are counted and skipped: reporting them is
+// Verify's job.
 func scanSegment(path string, first uint64, serials map[string][]loc) (scanResult, error) {
-	res := scanResult{seg: segment{first: first}, serials: serials, tornAt: -1}
+	res := scanResult{seg: segment{first: first}, tornAt: -1}
 	f, err := os.Open(path)
 	if err != nil {
 		return res, fmt.Errorf("audit: %w", err)
@@ -257,10 +255,9 @@ func scanSegment(path string, first uint64, serials map[string][]loc) (scanResul
 		if !ok {
 			var r Record
 			if json.Unmarshal(line, &r) == nil {
-				seq, t, kind, ok = r.Seq, r.Time, r.Kind, true
+				seq, t, kind = r.Seq, r.Time, r.Kind
 			}
 		}
-		res.lastBad = !ok
 		res.seg.add(seq, t, kind, off, len(line)+1)
 		switch kind {
 		case KindCheckpoint:
