@@ -14,6 +14,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/meshca/meshca/ca"
 )
 
 // Kind classifies a record.
@@ -114,8 +116,7 @@ func seal(r *Record) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	sum := sha256.Sum256(canon)
-	r.Hash = hex.EncodeToString(sum[:])
+	r.Hash = hashHex(canon)
 	// Hash follows Prev in the encoding, so splicing it in after Prev gives
 	// what a second Marshal would, at a fraction of the cost. Prev is
 	// writer-made hex and needs no escaping.
@@ -203,8 +204,8 @@ func Issuance(chain []*x509.Certificate, root *x509.Certificate) (Record, error)
 		KeyType:           KeyTypeOf(leaf.PublicKey),
 		NotBefore:         leaf.NotBefore.UTC(),
 		NotAfter:          leaf.NotAfter.UTC(),
-		IssuerFingerprint: Fingerprint(issuer),
-		RootFingerprint:   Fingerprint(root),
+		IssuerFingerprint: ca.Fingerprint(issuer),
+		RootFingerprint:   ca.Fingerprint(root),
 	}
 	for _, u := range leaf.URIs {
 		if u.Scheme == "spiffe" {
@@ -215,17 +216,10 @@ func Issuance(chain []*x509.Certificate, root *x509.Certificate) (Record, error)
 	return r, nil
 }
 
-// Fingerprint is the hex SHA-256 of a certificate's DER.
-func Fingerprint(c *x509.Certificate) string {
-	sum := sha256.Sum256(c.Raw)
-	return hex.EncodeToString(sum[:])
-}
-
 // KeyFingerprint is the hex SHA-256 of a certificate's SubjectPublicKeyInfo,
 // which stays the same across certificates for one key.
 func KeyFingerprint(c *x509.Certificate) string {
-	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
-	return hex.EncodeToString(sum[:])
+	return hashHex(c.RawSubjectPublicKeyInfo)
 }
 
 // KeyTypeOf names a public key's algorithm and size, such as "ecdsa-p256",

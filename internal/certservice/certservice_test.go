@@ -238,7 +238,7 @@ func TestIssuesChainLeafFirstRootLast(t *testing.T) {
 	r := recs[0]
 	want := audit.Record{Serial: certs[0].SerialNumber.Text(16), SPIFFEID: web.String(), Namespace: "default", ServiceAccount: "web",
 		KeyType: "ecdsa-p256", KeyFingerprint: audit.KeyFingerprint(certs[0]), NotBefore: certs[0].NotBefore, NotAfter: certs[0].NotAfter,
-		IssuerFingerprint: audit.Fingerprint(certs[1]), RootFingerprint: audit.Fingerprint(certs[2])}
+		IssuerFingerprint: ca.Fingerprint(certs[1]), RootFingerprint: ca.Fingerprint(certs[2])}
 	got := audit.Record{Serial: r.Serial, SPIFFEID: r.SPIFFEID, Namespace: r.Namespace, ServiceAccount: r.ServiceAccount,
 		KeyType: r.KeyType, KeyFingerprint: r.KeyFingerprint, NotBefore: r.NotBefore, NotAfter: r.NotAfter,
 		IssuerFingerprint: r.IssuerFingerprint, RootFingerprint: r.RootFingerprint}
