@@ -132,10 +132,7 @@ func (s *Service) recordIssuance(ctx context.Context, addr string, c identity.Ca
 	if err != nil {
 		return fmt.Errorf("certservice: %w", err)
 	}
-	rec.Namespace, rec.ServiceAccount = c.Namespace, c.ServiceAccount
-	rec.PodName, rec.PodUID, rec.NodeName = c.PodName, c.PodUID, c.NodeName
-	rec.ClusterID, rec.TokenHash, rec.Peer = c.ClusterID, c.TokenHash, addr
-	if _, err := s.ledger.Append(ctx, rec); err != nil {
+	if _, err := s.ledger.Append(ctx, withCaller(rec, addr, c)); err != nil {
 		return fmt.Errorf("certservice: %w: %w", errLedger, err)
 	}
 	return nil
@@ -147,9 +144,7 @@ func (s *Service) recordDenial(ctx context.Context, log *slog.Logger, addr strin
 	if s.ledger == nil {
 		return
 	}
-	rec := audit.Record{Kind: audit.KindDenied, Reason: reason, Detail: truncate(err.Error(), 512), Peer: addr,
-		Namespace: c.Namespace, ServiceAccount: c.ServiceAccount, PodName: c.PodName, PodUID: c.PodUID,
-		NodeName: c.NodeName, ClusterID: c.ClusterID, TokenHash: c.TokenHash}
+	rec := withCaller(audit.Record{Kind: audit.KindDenied, Reason: reason, Detail: truncate(err.Error(), 512)}, addr, c)
 	if !c.ID.IsZero() {
 		rec.ClaimedID = c.ID.String()
 	}
@@ -159,6 +154,15 @@ func (s *Service) recordDenial(ctx context.Context, log *slog.Logger, addr strin
 	if _, lerr := s.ledger.Append(rctx, rec); lerr != nil {
 		log.Error("cannot record a denial in the audit ledger", "reason", reason, "err", lerr)
 	}
+}
+
+// withCaller adds to r what the service knows of the caller, the same for
+// issuances and denials.
+func withCaller(r audit.Record, addr string, c identity.Caller) audit.Record {
+	r.Namespace, r.ServiceAccount = c.Namespace, c.ServiceAccount
+	r.PodName, r.PodUID, r.NodeName = c.PodName, c.PodUID, c.NodeName
+	r.ClusterID, r.TokenHash, r.Peer = c.ClusterID, c.TokenHash, addr
+	return r
 }
 
 func truncate(s string, n int) string {
