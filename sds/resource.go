@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"slices"
 	"sync"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -47,6 +48,20 @@ func kindOf(name string) (kind, bool) {
 		}
 	}
 	return 0, false
+}
+
+// kindsOf returns which resources list names; a name this server does not
+// serve is the proxy's mistake.
+func kindsOf(list []string) ([numKinds]bool, error) {
+	var want [numKinds]bool
+	for _, n := range list {
+		k, ok := kindOf(n)
+		if !ok {
+			return want, unknownResource(n)
+		}
+		want[k] = true
+	}
+	return want, nil
 }
 
 // resource is one secret encoded at one version. It is immutable and shared
@@ -149,7 +164,7 @@ func (e *encoder) get(k kind, s *Snapshot) (*resource, error) {
 	}
 	// Fast path: the same certificates (by pointer), as when every stream
 	// shares one snapshot or sources share the CA's roots.
-	if r := e.find(k, func(r *resource) bool { return samePointers(r.src, certs) }); r != nil {
+	if r := e.find(k, func(r *resource) bool { return slices.Equal(r.src, certs) }); r != nil {
 		return r, nil
 	}
 	v := contentVersion(certs)
@@ -181,16 +196,4 @@ func (e *encoder) find(k kind, match func(*resource) bool) *resource {
 		}
 	}
 	return nil
-}
-
-func samePointers(a, b []*x509.Certificate) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

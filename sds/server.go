@@ -147,13 +147,9 @@ func (s *Server) FetchSecrets(ctx context.Context, req *discoveryv3.DiscoveryReq
 	if len(req.GetResourceNames()) == 0 {
 		return nil, s.refuse(ctx, p, errWildcard)
 	}
-	var want [numKinds]bool
-	for _, n := range req.GetResourceNames() {
-		k, ok := kindOf(n)
-		if !ok {
-			return nil, s.refuse(ctx, p, unknownResource(n))
-		}
-		want[k] = true
+	want, err := kindsOf(req.GetResourceNames())
+	if err != nil {
+		return nil, s.refuse(ctx, p, err)
 	}
 	changed := make(chan struct{}, 1)
 	w, err := s.src.Watch(ctx, p, Want{Cert: want[kindCert], Roots: want[kindRoots]}, func() {

@@ -98,13 +98,9 @@ func (st *stream) handleSotw(req *discoveryv3.DiscoveryRequest) error {
 		st.srv.metrics.stale.Inc()
 		return nil
 	}
-	var want [numKinds]bool
-	for _, n := range req.GetResourceNames() {
-		k, ok := kindOf(n)
-		if !ok {
-			return unknownResource(n)
-		}
-		want[k] = true
+	want, err := kindsOf(req.GetResourceNames())
+	if err != nil {
+		return err
 	}
 	if !st.started {
 		if len(req.GetResourceNames()) == 0 {
@@ -147,13 +143,9 @@ func (st *stream) handleDelta(req *discoveryv3.DeltaDiscoveryRequest) error {
 	if err := checkTypeURL(req.GetTypeUrl()); err != nil {
 		return err
 	}
-	var add [numKinds]bool
-	for _, n := range req.GetResourceNamesSubscribe() {
-		k, ok := kindOf(n)
-		if !ok {
-			return unknownResource(n)
-		}
-		add[k] = true
+	add, err := kindsOf(req.GetResourceNamesSubscribe())
+	if err != nil {
+		return err
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -348,6 +340,7 @@ func (st *stream) push() error {
 			if s.claimed == cur.version {
 				s.sent = cur
 				st.setAcked(k, cur)
+				st.srv.noteChange()
 			}
 			s.claimed = ""
 		}
