@@ -145,20 +145,11 @@ func benchmarkPush(b *testing.B, n, perConn int) {
 	b.ReportMetric(perStream, "goroutines/stream")
 }
 
-// waitAcked polls Server.Acked, the way a root rotation waits.
+// waitAcked waits, up to two minutes, until all n streams have ACKed root.
 func waitAcked(b *testing.B, s *sds.Server, root *x509.Certificate, n int) {
-	fp := ca.Fingerprint(root)
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		if acked, connected := s.Acked(fp); acked == n && connected == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			acked, connected := s.Acked(fp)
-			b.Fatalf("after 2m, %d of %d streams (%d connected) ACKed the root", acked, n, connected)
-		}
-		time.Sleep(500 * time.Microsecond)
-	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	ackedIs(b, ctx, s, ca.Fingerprint(root), n, n)
 }
 
 // TestFleet checks the benchmark's load helper in process, on a small

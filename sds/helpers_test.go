@@ -192,14 +192,22 @@ func eventually(t testing.TB, ctx context.Context, what string, cond func() bool
 	}
 }
 
-// ackedIs waits until Server.Acked(fp) reports exactly (acked, connected).
-func ackedIs(t testing.TB, ctx context.Context, s *sds.Server, fp string, acked, connected int) {
-	t.Helper()
-	var a, c int
-	eventually(t, ctx, "Acked reports the expected counts", func() bool {
-		a, c = s.Acked(fp)
-		return a == acked && c == connected
-	})
+// ackedIs waits until Server.Acked(fp) reports exactly (acked, connected),
+// woken by AckChanged as a root rotation is.
+func ackedIs(tb testing.TB, ctx context.Context, s *sds.Server, fp string, acked, connected int) {
+	tb.Helper()
+	for {
+		changed := s.AckChanged()
+		a, c := s.Acked(fp)
+		if a == acked && c == connected {
+			return
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			tb.Fatalf("Acked reports %d of %d streams, want %d of %d", a, c, acked, connected)
+		}
+	}
 }
 
 // metric returns the value of the series of name with the given labels
