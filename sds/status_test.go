@@ -11,58 +11,6 @@ import (
 	"github.com/meshca/meshca/sds/sdstest"
 )
 
-// holder hands each response a client receives to the test, and answers it
-// only when the test says so.
-type holder struct {
-	held    chan sdstest.Response
-	release chan struct{}
-}
-
-func newHolder() *holder {
-	return &holder{held: make(chan sdstest.Response), release: make(chan struct{})}
-}
-
-func (h *holder) hold(ctx context.Context, r sdstest.Response) {
-	select {
-	case h.held <- r:
-	case <-ctx.Done():
-		return
-	}
-	select {
-	case <-h.release:
-	case <-ctx.Done():
-	}
-}
-
-// next waits for the next response and lets the client answer it.
-func (h *holder) next(t *testing.T, ctx context.Context) sdstest.Response {
-	t.Helper()
-	r := h.take(t, ctx)
-	h.answer(t, ctx)
-	return r
-}
-
-// take waits for the next response and keeps its answer back.
-func (h *holder) take(t *testing.T, ctx context.Context) sdstest.Response {
-	t.Helper()
-	select {
-	case r := <-h.held:
-		return r
-	case <-ctx.Done():
-		t.Fatal("no response reached the client")
-		return sdstest.Response{}
-	}
-}
-
-func (h *holder) answer(t *testing.T, ctx context.Context) {
-	t.Helper()
-	select {
-	case h.release <- struct{}{}:
-	case <-ctx.Done():
-		t.Fatal("the client did not take its answer")
-	}
-}
-
 func fingerprints(roots ...*x509.Certificate) []string {
 	out := make([]string, len(roots))
 	for i, r := range roots {
@@ -79,9 +27,9 @@ func TestStatusFollowsEachAnswer(t *testing.T) {
 		ctx := testCtx(t)
 		ag := newAgent(t)
 		bad, good := newRoot(t), newRoot(t)
-		h := newHolder()
-		c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "web-1", Delta: delta, Reject: rejectRoot(bad), Hold: h.hold})
-		h.next(t, ctx)
+		h := sdstest.NewHolder()
+		c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "web-1", Delta: delta, Reject: rejectRoot(bad), Hold: h.Hold})
+		h.Next(t, ctx)
 		wait(t, ctx, c, hasBoth)
 		ackedIs(t, ctx, ag.s, ca.Fingerprint(ag.root), 1, 1)
 		ss := onlyStatus(t, ag.s)
@@ -92,7 +40,7 @@ func TestStatusFollowsEachAnswer(t *testing.T) {
 		// A push alone changes no accounting; the NACK does.
 		changed := ag.s.AckChanged()
 		ag.set(t, withRoots(ag.snap, ag.root, bad))
-		if r := h.take(t, ctx); r.NACK == "" {
+		if r := h.Take(t, ctx); r.NACK == "" {
 			t.Fatalf("the client accepted the bad bundle: %+v", r)
 		}
 		select {
@@ -103,7 +51,7 @@ func TestStatusFollowsEachAnswer(t *testing.T) {
 		if ss := onlyStatus(t, ag.s); ss.RejectedRoots != nil {
 			t.Errorf("RejectedRoots %v before the proxy answered", ss.RejectedRoots)
 		}
-		h.answer(t, ctx)
+		h.Answer(t, ctx)
 		fired(t, ctx, changed, "the NACK")
 		ss = onlyStatus(t, ag.s)
 		if want := fingerprints(ag.root, bad); !slices.Equal(ss.RejectedRoots, want) {
@@ -117,11 +65,11 @@ func TestStatusFollowsEachAnswer(t *testing.T) {
 		// is the ACKed one.
 		changed = ag.s.AckChanged()
 		ag.set(t, withRoots(ag.snap, ag.root, good))
-		h.take(t, ctx)
+		h.Take(t, ctx)
 		if ss := onlyStatus(t, ag.s); ss.RejectedRoots != nil {
 			t.Errorf("RejectedRoots %v while another bundle awaits its answer", ss.RejectedRoots)
 		}
-		h.answer(t, ctx)
+		h.Answer(t, ctx)
 		fired(t, ctx, changed, "the ACK")
 		ss = onlyStatus(t, ag.s)
 		if want := fingerprints(ag.root, good); ss.RejectedRoots != nil || !slices.Equal(ss.AckedRoots, want) {

@@ -16,51 +16,6 @@ import (
 	"github.com/meshca/meshca/sds/sdstest"
 )
 
-// holder hands each response a client receives to the test, and lets the
-// client answer it only when the test says so.
-type holder struct {
-	held    chan sdstest.Response
-	release chan struct{}
-}
-
-func newHolder() *holder {
-	return &holder{held: make(chan sdstest.Response), release: make(chan struct{})}
-}
-
-func (h *holder) hold(ctx context.Context, r sdstest.Response) {
-	select {
-	case h.held <- r:
-	case <-ctx.Done():
-		return
-	}
-	select {
-	case <-h.release:
-	case <-ctx.Done():
-	}
-}
-
-// take waits for the next response and keeps its answer back.
-func (h *holder) take(t *testing.T, ctx context.Context) sdstest.Response {
-	t.Helper()
-	select {
-	case r := <-h.held:
-		return r
-	case <-ctx.Done():
-		t.Fatal("no response reached the client")
-		return sdstest.Response{}
-	}
-}
-
-// answer lets the client answer the response taken.
-func (h *holder) answer(t *testing.T, ctx context.Context) {
-	t.Helper()
-	select {
-	case h.release <- struct{}{}:
-	case <-ctx.Done():
-		t.Fatal("the client did not take its answer")
-	}
-}
-
 func fps(roots ...*x509.Certificate) []string {
 	out := make([]string, len(roots))
 	for i, r := range roots {
@@ -90,17 +45,17 @@ func TestUpstreamACKWaitsForEveryProxy(t *testing.T) {
 	a := m.startReady(t, ctx, m.config(t, "default", "web"))
 	r1 := m.first.Issuer().Roots[0]
 	quick := envoy(t, ctx, a, "quick", false)
-	h := newHolder()
-	slow := envoyWith(t, ctx, a, sdstest.Config{Node: "slow", Delta: true, Hold: h.hold})
-	h.take(t, ctx)
-	h.answer(t, ctx)
+	h := sdstest.NewHolder()
+	slow := envoyWith(t, ctx, a, sdstest.Config{Node: "slow", Delta: true, Hold: h.Hold})
+	h.Take(t, ctx)
+	h.Answer(t, ctx)
 	for _, p := range []*sdstest.Client{quick, slow} {
 		wait(t, ctx, p, func(s sdstest.State) bool { return s.Has(sds.CertName) && holdsRoot(r1)(s) })
 	}
 
 	r2 := newRoot(t)
 	m.setBundle(t, r1, r2)
-	if r := h.take(t, ctx); !slices.Contains(r.Names, sds.RootsName) {
+	if r := h.Take(t, ctx); !slices.Contains(r.Names, sds.RootsName) {
 		t.Fatalf("the slow proxy was sent %v, want the new ROOTCA", r.Names)
 	}
 	wait(t, ctx, quick, holdsRoot(r2))
@@ -116,7 +71,7 @@ func TestUpstreamACKWaitsForEveryProxy(t *testing.T) {
 		t.Fatalf("server counts %d of %d streams as ACKing the new root while a proxy has not", acked, connected)
 	}
 
-	h.answer(t, ctx)
+	h.Answer(t, ctx)
 	m.upstreamAcked(t, ctx, r2)
 	if got := a.Status().PendingBundle; got != nil {
 		t.Errorf("pending bundle %v after the ACK", got)
