@@ -5,13 +5,11 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
-	"io"
 	"io/fs"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -32,48 +30,6 @@ import (
 	"github.com/meshca/meshca/sds"
 	"github.com/meshca/meshca/sds/sdstest"
 )
-
-// runDev runs `meshca dev` in-process on free loopback ports, as startDev
-// does, and also returns what it printed and a stop function that returns
-// its result.
-func runDev(t *testing.T, args ...string) (*devServer, *syncBuffer, func() error) {
-	t.Helper()
-	d := &devServer{dataDir: t.TempDir()}
-	out := &syncBuffer{}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := newRootCommand(out, io.Discard)
-	cmd.SetArgs(append([]string{"dev", "--data-dir", d.dataDir, "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0"}, args...))
-	done := make(chan error, 1)
-	go func() { done <- cmd.ExecuteContext(ctx) }()
-	var result error
-	stopped := false
-	stop := func() error {
-		if !stopped {
-			cancel()
-			result, stopped = <-done, true
-		}
-		return result
-	}
-	t.Cleanup(func() {
-		if err := stop(); err != nil {
-			t.Errorf("meshca dev: %v", err)
-		}
-	})
-	api := regexp.MustCompile(`CA API\s+(\S+)`)
-	testenv.Eventually(t, "meshca dev prints its banner", func() error {
-		select {
-		case err := <-done:
-			t.Fatalf("meshca dev exited: %v\n%s", err, out.String())
-		default:
-		}
-		if m := api.FindStringSubmatch(out.String()); m != nil && strings.Contains(out.String(), "Stop with Ctrl-C") {
-			d.grpcAddr = m[1]
-			return nil
-		}
-		return errors.New("no banner yet")
-	})
-	return d, out, stop
-}
 
 // TestDevServesSDSToEnvoy: `meshca dev` runs a node agent whose socket
 // serves the default workload's certificate, verifiable against the trust

@@ -20,6 +20,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/meshca/meshca/internal/testenv"
 )
 
 // syncBuffer lets a test read what a running command has printed so far.
@@ -56,9 +58,11 @@ type devServer struct {
 	dataDir, grpcAddr, monitorAddr string
 }
 
-// startDev runs `meshca dev` in-process on free loopback ports until the
-// test ends, and learns its addresses from the banner it prints.
-func startDev(t *testing.T, args ...string) *devServer {
+// runDev runs `meshca dev` in-process on free loopback ports, waits for its
+// banner and learns its addresses from it. It returns what dev printed and
+// a stop function that returns dev's result; the test's cleanup stops it
+// too.
+func runDev(t *testing.T, args ...string) (*devServer, *syncBuffer, func() error) {
 	t.Helper()
 	d := &devServer{dataDir: t.TempDir()}
 	out := &syncBuffer{}
@@ -67,29 +71,44 @@ func startDev(t *testing.T, args ...string) *devServer {
 	cmd.SetArgs(append([]string{"dev", "--data-dir", d.dataDir, "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0"}, args...))
 	done := make(chan error, 1)
 	go func() { done <- cmd.ExecuteContext(ctx) }()
+	var result error
+	stopped := false
+	stop := func() error {
+		if !stopped {
+			cancel()
+			result, stopped = <-done, true
+		}
+		return result
+	}
 	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			t.Errorf("meshca dev: %v", err)
 		}
 	})
 	api := regexp.MustCompile(`CA API\s+(\S+)`)
 	mon := regexp.MustCompile(`monitoring\s+http://(\S+)/metrics`)
-	deadline := time.After(time.Minute)
-	for {
-		if m := api.FindStringSubmatch(out.String()); m != nil {
-			d.grpcAddr = m[1]
-			d.monitorAddr = mon.FindStringSubmatch(out.String())[1]
-			break
-		}
+	testenv.Eventually(t, "meshca dev prints its banner", func() error {
 		select {
 		case err := <-done:
 			t.Fatalf("meshca dev exited: %v\n%s", err, out.String())
-		case <-deadline:
-			t.Fatalf("meshca dev printed no banner:\n%s", out.String())
-		case <-time.After(10 * time.Millisecond):
+		default:
 		}
-	}
+		if m := api.FindStringSubmatch(out.String()); m != nil && strings.Contains(out.String(), "Stop with Ctrl-C") {
+			d.grpcAddr = m[1]
+			d.monitorAddr = mon.FindStringSubmatch(out.String())[1]
+			return nil
+		}
+		return errors.New("no banner yet")
+	})
+	return d, out, stop
+}
+
+// startDev runs `meshca dev` in-process on free loopback ports until the
+// test ends, learns its addresses from the banner it prints, and checks
+// that the banner tells how to use it.
+func startDev(t *testing.T, args ...string) *devServer {
+	t.Helper()
+	d, out, _ := runDev(t, args...)
 	// The banner's own instructions must be what the test runs.
 	mint := "dev token --data-dir " + d.dataDir
 	if slices.Contains(args, "--kubeconfig") {
@@ -235,19 +254,11 @@ func TestDevEndToEnd(t *testing.T) {
 
 func TestDevRestartKeepsRoot(t *testing.T) {
 	dir := t.TempDir()
+	re := regexp.MustCompile(`root ([0-9a-f]{16})…`)
 	run := func() string {
-		ctx, cancel := context.WithCancel(context.Background())
-		out := &syncBuffer{}
-		cmd := newRootCommand(out, io.Discard)
-		cmd.SetArgs([]string{"dev", "--data-dir", dir, "--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0"})
-		done := make(chan error, 1)
-		go func() { done <- cmd.ExecuteContext(ctx) }()
-		re := regexp.MustCompile(`root ([0-9a-f]{16})…`)
-		for i := 0; i < 6000 && re.FindStringSubmatch(out.String()) == nil; i++ {
-			time.Sleep(10 * time.Millisecond)
-		}
-		cancel()
-		if err := <-done; err != nil {
+		// The later --data-dir wins over runDev's own.
+		_, out, stop := runDev(t, "--data-dir", dir)
+		if err := stop(); err != nil {
 			t.Fatal(err)
 		}
 		m := re.FindStringSubmatch(out.String())
