@@ -310,10 +310,11 @@ func (a *Agent) trust() ([]*x509.Certificate, uint64) {
 	return a.roots, a.rootsGen
 }
 
-// setRoots makes roots the trust bundle. a.mu is held.
-func (a *Agent) setRoots(roots []*x509.Certificate, source string) {
-	if sameCerts(a.roots, roots) {
-		return
+// setRoots makes roots the trust bundle and reports whether they changed;
+// a change is published and checked against the certificate. a.mu is held.
+func (a *Agent) setRoots(roots []*x509.Certificate, source string) bool {
+	if slices.EqualFunc(a.roots, roots, (*x509.Certificate).Equal) {
+		return false
 	}
 	a.roots = append([]*x509.Certificate(nil), roots...)
 	a.rootsGen++
@@ -322,6 +323,7 @@ func (a *Agent) setRoots(roots []*x509.Certificate, source string) {
 	a.log.Info("trust bundle changed", "source", source, "roots", fingerprints(roots))
 	a.checkChain()
 	a.checkSigningRoot()
+	return true
 }
 
 // checkChain renews at once when the current certificate does not chain to
@@ -402,25 +404,4 @@ func chainsTo(chain, roots []*x509.Certificate, now time.Time) bool {
 	_, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: now,
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
 	return err == nil
-}
-
-func sameCerts(a, b []*x509.Certificate) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if !a[i].Equal(b[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
-	for _, s := range set {
-		if s.Equal(c) {
-			return true
-		}
-	}
-	return false
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/meshca/meshca/internal/caclient"
@@ -79,14 +80,17 @@ func (a *Agent) renew(ctx context.Context) {
 		// server has no ROOTCA stream; the stream's bundle still wins.
 		roots := a.roots
 		for _, r := range creds.Roots {
-			if !containsCert(used, r) && !containsCert(roots, r) {
+			if !slices.ContainsFunc(used, r.Equal) && !slices.ContainsFunc(roots, r.Equal) {
 				roots = append(append([]*x509.Certificate(nil), roots...), r)
 			}
 		}
-		a.setRoots(roots, "certificate response")
-		// The bundle may have changed while the request was out.
-		a.checkChain()
-		a.publish()
+		// A change of roots publishes the new certificate with them and
+		// checks it; otherwise the bundle may still have changed while the
+		// request was out.
+		if !a.setRoots(roots, "certificate response") {
+			a.checkChain()
+			a.publish()
+		}
 		a.mu.Unlock()
 		a.log.Info("obtained workload certificate", "id", creds.ID.String(),
 			"serial", creds.Chain[0].SerialNumber.Text(16), "notAfter", creds.NotAfter, "renewAt", next)
