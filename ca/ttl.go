@@ -9,6 +9,19 @@ import (
 // clock runs slightly behind the CA's does not reject a fresh certificate.
 const Backdate = time.Minute
 
+// RenewalPoint is when a certificate valid over [notBefore, notAfter),
+// obtained at received, is due for renewal: frac of its lifetime, counted
+// from the later of notBefore and received. Leaves are backdated by
+// Backdate, so counted from notBefore a short-lived one would be due as
+// soon as it arrives.
+func RenewalPoint(notBefore, notAfter, received time.Time, frac float64) time.Time {
+	start := notBefore
+	if received.After(start) {
+		start = received
+	}
+	return start.Add(time.Duration(frac * float64(notAfter.Sub(start))))
+}
+
 // TTLPolicy decides leaf lifetimes.
 type TTLPolicy struct {
 	// Default applies when the caller asks for no particular lifetime.

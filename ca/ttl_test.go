@@ -68,3 +68,21 @@ func TestTTLPolicyValidate(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+func TestRenewalPoint(t *testing.T) {
+	t0 := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		name                          string
+		notBefore, notAfter, received time.Time
+		frac                          float64
+		want                          time.Time
+	}{
+		{"backdated leaf counts from receipt", t0.Add(-ca.Backdate), t0.Add(20 * time.Second), t0, 0.5, t0.Add(10 * time.Second)},
+		{"received before NotBefore counts from NotBefore", t0, t0.Add(time.Hour), t0.Add(-time.Minute), 0.5, t0.Add(30 * time.Minute)},
+		{"received late counts what is left", t0.Add(-ca.Backdate), t0.Add(time.Hour), t0.Add(20 * time.Minute), 0.5, t0.Add(40 * time.Minute)},
+	} {
+		if got := ca.RenewalPoint(tc.notBefore, tc.notAfter, tc.received, tc.frac); !got.Equal(tc.want) {
+			t.Errorf("%s: %s, want %s", tc.name, got, tc.want)
+		}
+	}
+}

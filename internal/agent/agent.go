@@ -89,7 +89,8 @@ type Config struct {
 	SocketPath string
 	// RenewAt is the fraction of the certificate's lifetime at which to
 	// renew, and Jitter how far either side of it renewal may fall at
-	// random: renewal is at NotBefore + lifetime × (RenewAt ± Jitter).
+	// random: renewal is at start + lifetime × (RenewAt ± Jitter), the
+	// lifetime counted from when the certificate arrived (ca.RenewalPoint).
 	// Zero means DefaultRenewAt and DefaultJitter; a negative Jitter means
 	// none.
 	RenewAt float64

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/internal/caclient"
 )
 
@@ -130,15 +131,13 @@ func (a *Agent) sleepUntil(ctx context.Context, t time.Time, kick, wake <-chan s
 	}
 }
 
-// renewalTime is start + lifetime × (RenewAt ± Jitter), the lifetime
-// running from start, the later of NotBefore and received (leaves are
-// backdated for clock skew; from NotBefore a short-lived one would be due
-// at once), to the chain's earliest expiry. It is rounded to the
-// millisecond, well below what matters and exact enough to reason about.
+// renewalTime is when c, received at received, is due: RenewAt ± Jitter of
+// its lifetime (ending at the chain's earliest expiry), by
+// ca.RenewalPoint. It is rounded to the millisecond, well below what
+// matters and exact enough to reason about.
 func (a *Agent) renewalTime(c *caclient.Credentials, received time.Time) time.Time {
-	start := later(c.Chain[0].NotBefore, received)
 	frac := a.cfg.RenewAt + a.cfg.Jitter*(2*a.random()-1)
-	return start.Add(time.Duration(frac * float64(c.NotAfter.Sub(start))).Round(time.Millisecond))
+	return ca.RenewalPoint(c.Chain[0].NotBefore, c.NotAfter, received, frac).Round(time.Millisecond)
 }
 
 // expire withdraws the certificate once it is no longer valid.

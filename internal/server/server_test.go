@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,8 +16,10 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/internal/server"
+	"github.com/meshca/meshca/keystore/memory"
 )
 
 func start(t *testing.T, cfg server.Config) *server.Server {
@@ -118,5 +121,39 @@ func TestServingCertificateFollowsTheCA(t *testing.T) {
 	next := servingChain(t, s, clock, a.Issuer().Roots)
 	if !next[1].Equal(a.Issuer().Cert) || next[0].Equal(first[0]) {
 		t.Fatal("serving certificate did not follow the CA change")
+	}
+}
+
+// A serving certificate shorter-lived than the CA's one-minute backdating is
+// still reused until half its life has passed: counted from its NotBefore it
+// would be due at once, and re-issued on every handshake.
+func TestShortLivedServingCertificateIsReused(t *testing.T) {
+	clock := clockwork.NewFakeClockAt(time.Now())
+	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{TrustDomain: catest.TrustDomain, Keys: memory.New(),
+		JournalPath: filepath.Join(t.TempDir(), "ca-journal.json")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ca.New(ca.Config{TrustDomain: catest.TrustDomain, Source: src, Clock: clock,
+		TTL: ca.TTLPolicy{Default: 20 * time.Second, Max: 20 * time.Second, Coverage: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Init(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s := start(t, server.Config{CA: a, Clock: clock})
+
+	first := servingChain(t, s, clock, a.Issuer().Roots)
+	if again := servingChain(t, s, clock, a.Issuer().Roots); !again[0].Equal(first[0]) {
+		t.Fatal("a 20s serving certificate was re-issued at the next handshake")
+	}
+	clock.Advance(9 * time.Second)
+	if again := servingChain(t, s, clock, a.Issuer().Roots); !again[0].Equal(first[0]) {
+		t.Fatal("re-issued before half of its 20s life")
+	}
+	clock.Advance(2 * time.Second)
+	if again := servingChain(t, s, clock, a.Issuer().Roots); again[0].Equal(first[0]) {
+		t.Fatal("not re-issued past half of its life")
 	}
 }

@@ -67,7 +67,7 @@ func (s *servingCert) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 		c.Certificate = append(c.Certificate, x.Raw)
 	}
 	s.cert, s.changed = c, changed
-	s.renewAt = leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
+	s.renewAt = ca.RenewalPoint(leaf.NotBefore, leaf.NotAfter, s.clock.Now(), 0.5)
 	s.log.Debug("issued serving certificate", "serial", leaf.SerialNumber.Text(16), "notAfter", leaf.NotAfter)
 	return c, nil
 }

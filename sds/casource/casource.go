@@ -223,15 +223,7 @@ func (w *watcher) renew() error {
 	leaf := issued.Leaf()
 	w.snap = &sds.Snapshot{Chain: issued.Chain, Key: key, Roots: issued.Roots}
 	w.root = issued.Root
-	// Lifetimes count from now, not from NotBefore: leaves are backdated
-	// for clock skew, and from NotBefore a short-lived leaf would be due
-	// for renewal at once.
-	start := clock.Now()
-	if leaf.NotBefore.After(start) {
-		start = leaf.NotBefore
-	}
-	life := leaf.NotAfter.Sub(start)
-	w.schedule(start.Add(time.Duration(float64(life) * w.s.cfg.RenewAt)))
+	w.schedule(ca.RenewalPoint(leaf.NotBefore, leaf.NotAfter, clock.Now(), w.s.cfg.RenewAt))
 	w.due = w.at
 	return nil
 }
