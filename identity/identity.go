@@ -122,6 +122,16 @@ func WorkloadID(td spiffeid.TrustDomain, namespace, serviceAccount string) (spif
 	return id, nil
 }
 
+// WorkloadOf is the inverse of WorkloadID: the namespace and service
+// account a workload ID names, or ok false for an ID of another shape.
+func WorkloadOf(id spiffeid.ID) (namespace, serviceAccount string, ok bool) {
+	parts := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(parts) != 4 || parts[0] != "ns" || parts[2] != "sa" {
+		return "", "", false
+	}
+	return parts[1], parts[3], true
+}
+
 // ServiceAccountUserPrefix starts the user name Kubernetes gives a service
 // account, and the sub claim of its tokens.
 const ServiceAccountUserPrefix = "system:serviceaccount:"

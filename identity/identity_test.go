@@ -160,3 +160,19 @@ func TestParseServiceAccountUser(t *testing.T) {
 		}
 	}
 }
+
+func TestWorkloadOf(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	id, err := identity.WorkloadID(td, "shop", "cart")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ns, sa, ok := identity.WorkloadOf(id); !ok || ns != "shop" || sa != "cart" {
+		t.Errorf("WorkloadOf(%s) = %q, %q, %v", id, ns, sa, ok)
+	}
+	for _, s := range []string{"spiffe://cluster.local/ns/shop", "spiffe://cluster.local/ns/shop/sa/cart/x", "spiffe://cluster.local/sa/cart/ns/shop"} {
+		if _, _, ok := identity.WorkloadOf(spiffeid.RequireFromString(s)); ok {
+			t.Errorf("WorkloadOf(%s) accepted an ID of another shape", s)
+		}
+	}
+}

@@ -17,7 +17,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -25,6 +24,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/sds"
@@ -238,7 +238,7 @@ func (w *watcher) record(issued *ca.Issued) error {
 		return err
 	}
 	rec.SPIFFEID, rec.Peer = w.id.String(), w.peer
-	if ns, sa, ok := workload(w.id); ok {
+	if ns, sa, ok := identity.WorkloadOf(w.id); ok {
 		rec.Namespace, rec.ServiceAccount = ns, sa
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -247,15 +247,6 @@ func (w *watcher) record(issued *ca.Issued) error {
 		return fmt.Errorf("the audit ledger is unavailable, so the certificate is not served: %w", err)
 	}
 	return nil
-}
-
-// workload splits a Kubernetes workload ID into namespace and account.
-func workload(id spiffeid.ID) (ns, sa string, ok bool) {
-	parts := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
-	if len(parts) == 4 && parts[0] == "ns" && parts[2] == "sa" {
-		return parts[1], parts[3], true
-	}
-	return "", "", false
 }
 
 // schedule arms the renewal timer for at; w.mu is held.
