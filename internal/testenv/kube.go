@@ -4,13 +4,10 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/pem"
-	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -22,6 +19,8 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/meshca/meshca/internal/testenv/fixture"
 )
 
 // Issuer is the service-account token issuer, the one a real cluster uses, so
@@ -46,7 +45,7 @@ type Kube struct {
 	caFile, kubeconfig  string
 	config              *rest.Config
 	clientset           *kubernetes.Clientset
-	etcd, apiserver     *process
+	etcd, apiserver     *fixture.Process
 	readyz              *http.Client
 	apiserverStartedFor time.Duration
 }
@@ -114,15 +113,15 @@ func (k *Kube) path(name string) string { return filepath.Join(k.dir, name) }
 func (k *Kube) startEtcd() error {
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
-		if k.etcdPort, err = freePort(); err != nil {
+		if k.etcdPort, err = fixture.FreePort(); err != nil {
 			return err
 		}
-		if k.etcdPeer, err = freePort(); err != nil {
+		if k.etcdPeer, err = fixture.FreePort(); err != nil {
 			return err
 		}
 		client := "http://127.0.0.1:" + strconv.Itoa(k.etcdPort)
 		peer := "http://127.0.0.1:" + strconv.Itoa(k.etcdPeer)
-		k.etcd, err = startProcess("etcd", k.path("etcd.log"), filepath.Join(k.bin, "etcd"),
+		k.etcd, err = fixture.Start("etcd", k.path("etcd.log"), nil, filepath.Join(k.bin, "etcd"),
 			"--name=testenv",
 			"--data-dir="+k.path("etcd-data"),
 			"--listen-client-urls="+client,
@@ -142,8 +141,8 @@ func (k *Kube) startEtcd() error {
 			return err
 		}
 		hc := &http.Client{Timeout: 2 * time.Second}
-		err = waitReady(k.etcd, func(ctx context.Context) error { return getOK(ctx, hc, client+"/health") })
-		if err == nil || !k.etcd.exited() || !k.etcd.portInUse() {
+		err = k.etcd.WaitReady(readyTimeout, func(ctx context.Context) error { return fixture.GetOK(ctx, hc, client+"/health") })
+		if err == nil || !k.etcd.Exited() || !k.etcd.PortInUse() {
 			return err
 		}
 	}
@@ -179,18 +178,18 @@ func (k *Kube) startAPIServer(first bool) error {
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
 		if first {
-			if k.apiPort, err = freePort(); err != nil {
+			if k.apiPort, err = fixture.FreePort(); err != nil {
 				return err
 			}
 		}
 		begin := time.Now()
-		k.apiserver, err = startProcess("kube-apiserver", k.path("kube-apiserver.log"), filepath.Join(k.bin, "kube-apiserver"), k.apiserverArgs()...)
+		k.apiserver, err = fixture.Start("kube-apiserver", k.path("kube-apiserver.log"), nil, filepath.Join(k.bin, "kube-apiserver"), k.apiserverArgs()...)
 		if err != nil {
 			return err
 		}
-		err = waitReady(k.apiserver, k.checkReadyz)
+		err = k.apiserver.WaitReady(readyTimeout, k.checkReadyz)
 		k.apiserverStartedFor = time.Since(begin)
-		if err == nil || !first || !k.apiserver.exited() || !k.apiserver.portInUse() {
+		if err == nil || !first || !k.apiserver.Exited() || !k.apiserver.PortInUse() {
 			return err
 		}
 	}
@@ -202,20 +201,13 @@ func (k *Kube) startAPIServer(first bool) error {
 // on the first poll that finds it.
 func (k *Kube) checkReadyz(ctx context.Context) error {
 	if k.readyz == nil {
-		pemData, err := os.ReadFile(k.caFile)
+		hc, err := fixture.HTTPClient(k.caFile)
 		if err != nil {
 			return fmt.Errorf("serving certificate not written yet: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pemData) {
-			return fmt.Errorf("no certificates in %s", k.caFile)
-		}
-		k.readyz = &http.Client{
-			Timeout:   5 * time.Second,
-			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
-		}
+		k.readyz = hc
 	}
-	return getOK(ctx, k.readyz, k.host()+"/readyz", "Authorization", "Bearer "+k.token)
+	return fixture.GetOK(ctx, k.readyz, k.host()+"/readyz", "Authorization", "Bearer "+k.token)
 }
 
 func (k *Kube) host() string { return "https://127.0.0.1:" + strconv.Itoa(k.apiPort) }
@@ -268,10 +260,10 @@ func (k *Kube) CAFile() string { return k.caFile }
 // during an outage. Start brings it back with the same port and data.
 func (k *Kube) Stop(t testing.TB) {
 	t.Helper()
-	if k.apiserver == nil || k.apiserver.exited() {
+	if k.apiserver == nil || k.apiserver.Exited() {
 		t.Fatalf("testenv: Stop: kube-apiserver is not running")
 	}
-	k.apiserver.stop(stopGrace)
+	k.apiserver.Stop(stopGrace)
 }
 
 // Start restarts the apiserver after Stop on the same port and etcd, and waits
@@ -279,7 +271,7 @@ func (k *Kube) Stop(t testing.TB) {
 // key is the same.
 func (k *Kube) Start(t testing.TB) {
 	t.Helper()
-	if k.apiserver != nil && !k.apiserver.exited() {
+	if k.apiserver != nil && !k.apiserver.Exited() {
 		t.Fatalf("testenv: Start: kube-apiserver is already running")
 	}
 	if err := k.startAPIServer(false); err != nil {
@@ -290,73 +282,17 @@ func (k *Kube) Start(t testing.TB) {
 
 func (k *Kube) stopAll() {
 	if k.apiserver != nil {
-		k.apiserver.stop(stopGrace)
+		k.apiserver.Stop(stopGrace)
 	}
 	if k.etcd != nil {
-		k.etcd.stop(stopGrace)
+		k.etcd.Stop(stopGrace)
 	}
 }
 
 func (k *Kube) logTails(t testing.TB) {
-	for _, p := range []*process{k.etcd, k.apiserver} {
+	for _, p := range []*fixture.Process{k.etcd, k.apiserver} {
 		if p != nil {
-			t.Logf("testenv: last lines of %s log:\n%s", p.name, p.tail(logTailLines))
+			t.Logf("testenv: last lines of %s log:\n%s", p.Name(), p.Tail(logTailLines))
 		}
 	}
-}
-
-// waitReady polls check until it succeeds, the process exits or readyTimeout
-// passes.
-func waitReady(p *process, check func(context.Context) error) error {
-	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
-	defer cancel()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := check(ctx)
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-p.done:
-			return fmt.Errorf("%s exited before it was ready (%v); last check: %w", p.name, p.err, err)
-		case <-ctx.Done():
-			return fmt.Errorf("%s not ready after %v: %w", p.name, readyTimeout, err)
-		case <-tick.C:
-		}
-	}
-}
-
-func getOK(ctx context.Context, hc *http.Client, url string, header ...string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return err
-	}
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s: %s", url, resp.Status)
-	}
-	return nil
-}
-
-// freePort returns a loopback port that was free a moment ago. Another
-// process may take it before ours binds; the callers retry on that.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("free port: %w", err)
-	}
-	defer l.Close()
-	addr, ok := l.Addr().(*net.TCPAddr)
-	if !ok {
-		return 0, errors.New("free port: not a TCP address")
-	}
-	return addr.Port, nil
 }

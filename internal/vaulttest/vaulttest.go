@@ -19,35 +19,28 @@
 package vaulttest
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/vault/api"
+
+	"github.com/meshca/meshca/internal/testenv/fixture"
 )
 
 // binDirEnv names the directory holding the vault binary; the Makefile
 // exports it after running hack/vault.sh.
 const binDirEnv = "MESHCA_VAULT_BIN_DIR"
-
-const modulePath = "github.com/meshca/meshca"
 
 const (
 	// readyTimeout bounds start-up: Vault is healthy in about 0.2 s on an
@@ -79,9 +72,7 @@ type Vault struct {
 	dir     string
 	caFile  string
 	logPath string
-	cmd     *exec.Cmd
-	done    chan struct{} // closed once Wait has returned
-	waitErr error         // Wait's result, valid after done is closed
+	proc    *fixture.Process
 	client  *api.Client
 }
 
@@ -97,7 +88,7 @@ func Start(t testing.TB) *Vault {
 // printing the end of its log.
 func StartWith(t testing.TB, opts Options) *Vault {
 	t.Helper()
-	bin, err := binary()
+	dir, err := binDir()
 	if err != nil {
 		t.Fatalf("vaulttest: no vault binary: %v\nbuild it with: bash hack/vault.sh (or make testenv), about 15 minutes cold, then export %s=$(bash hack/vault.sh -q)", err, binDirEnv)
 	}
@@ -109,13 +100,16 @@ func StartWith(t testing.TB, opts Options) *Vault {
 	v.caFile = filepath.Join(v.dir, "vault-ca.pem")
 	v.logPath = filepath.Join(v.dir, "vault.log")
 	t.Cleanup(func() {
-		v.stop()
+		if v.proc == nil {
+			return
+		}
+		v.proc.Stop(stopGrace)
 		if t.Failed() {
-			t.Logf("vaulttest: last lines of the vault log:\n%s", v.tail(logTailLines))
+			t.Logf("vaulttest: last lines of the vault log:\n%s", v.proc.Tail(logTailLines))
 		}
 	})
 	begin := time.Now()
-	if err := v.start(bin); err != nil {
+	if err := v.start(filepath.Join(dir, "vault")); err != nil {
 		t.Fatalf("vaulttest: %v", err)
 	}
 	t.Logf("vaulttest: vault ready at %s in %v", v.addr, time.Since(begin).Round(time.Millisecond))
@@ -127,30 +121,27 @@ func (v *Vault) start(bin string) error {
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
 		var port int
-		if port, err = freePort(); err != nil {
+		if port, err = fixture.FreePort(); err != nil {
 			return err
 		}
 		v.addr = "https://127.0.0.1:" + strconv.Itoa(port)
-		if err = v.startProcess(bin, port); err != nil {
+		var p *fixture.Process
+		if p, err = v.startProcess(bin, port); err != nil {
 			return err
 		}
-		if err = v.waitReady(); err == nil {
+		v.proc = p
+		if err = v.proc.WaitReady(readyTimeout, healthCheck(v.caFile, v.addr)); err == nil {
 			return v.makeClient()
 		}
-		if !v.exited() || !strings.Contains(v.tail(logTailLines), "address already in use") {
+		if !v.proc.Exited() || !v.proc.PortInUse() {
 			return err
 		}
 	}
 	return err
 }
 
-func (v *Vault) startProcess(bin string, port int) error {
-	f, err := os.OpenFile(v.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return fmt.Errorf("vault log: %w", err)
-	}
-	fmt.Fprintf(f, "=== vaulttest: starting vault at %s\n", time.Now().Format(time.RFC3339Nano))
-	v.cmd = exec.Command(bin, "server", "-dev",
+func (v *Vault) startProcess(bin string, port int) (*fixture.Process, error) {
+	return fixture.Start("vault", v.logPath, serverEnv(), bin, "server", "-dev",
 		"-dev-listen-address=127.0.0.1:"+strconv.Itoa(port),
 		"-dev-root-token-id="+v.token,
 		// The token file would land in the user's home directory.
@@ -159,20 +150,6 @@ func (v *Vault) startProcess(bin string, port int) error {
 		"-dev-tls-cert-dir="+v.dir,
 		"-dev-tls-san="+ServerName,
 	)
-	v.cmd.Env = serverEnv()
-	v.cmd.Stdout, v.cmd.Stderr = f, f
-	v.cmd.SysProcAttr = sysProcAttr()
-	if err := v.cmd.Start(); err != nil {
-		f.Close()
-		return fmt.Errorf("starting vault: %w", err)
-	}
-	v.done = make(chan struct{})
-	go func() {
-		v.waitErr = v.cmd.Wait()
-		f.Close()
-		close(v.done)
-	}()
-	return nil
 }
 
 // serverEnv is the test's environment without VAULT_ variables, which
@@ -187,68 +164,25 @@ func serverEnv() []string {
 	return env
 }
 
-// waitReady polls sys/health until Vault is initialised, unsealed and
-// active. The CA file appears once Vault has generated its certificate.
-func (v *Vault) waitReady() error {
-	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
-	defer cancel()
-	tick := time.NewTicker(25 * time.Millisecond)
-	defer tick.Stop()
+// healthCheck returns a check that asks sys/health whether Vault is
+// initialised, unsealed and active. The CA file appears once Vault has
+// generated its certificate, so the client is built on the first check that
+// finds it; each start generates a new CA, so each needs a new check.
+func healthCheck(caFile, addr string) func(context.Context) error {
 	var hc *http.Client
-	for {
-		err := errors.New("CA certificate not written yet")
+	return func(ctx context.Context) error {
 		if hc == nil {
-			hc, _ = v.httpClient()
+			var err error
+			if hc, err = fixture.HTTPClient(caFile); err != nil {
+				return fmt.Errorf("CA certificate not written yet: %w", err)
+			}
 		}
-		if hc != nil {
-			err = getOK(ctx, hc, v.addr+"/v1/sys/health")
-		}
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-v.done:
-			return fmt.Errorf("vault exited before it was healthy (%v); last check: %w", v.waitErr, err)
-		case <-ctx.Done():
-			return fmt.Errorf("vault not healthy after %v: %w", readyTimeout, err)
-		case <-tick.C:
-		}
+		return fixture.GetOK(ctx, hc, addr+"/v1/sys/health")
 	}
-}
-
-func (v *Vault) httpClient() (*http.Client, error) {
-	pemData, err := os.ReadFile(v.caFile)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pemData) {
-		return nil, fmt.Errorf("no certificates in %s", v.caFile)
-	}
-	return &http.Client{
-		Timeout:   5 * time.Second,
-		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
-	}, nil
-}
-
-func getOK(ctx context.Context, hc *http.Client, url string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s: %s", url, resp.Status)
-	}
-	return nil
 }
 
 func (v *Vault) makeClient() error {
-	hc, err := v.httpClient()
+	hc, err := fixture.HTTPClient(v.caFile)
 	if err != nil {
 		return err
 	}
@@ -262,41 +196,6 @@ func (v *Vault) makeClient() error {
 	c.ClearNamespace()
 	v.client = c
 	return nil
-}
-
-func (v *Vault) exited() bool {
-	select {
-	case <-v.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (v *Vault) stop() {
-	if v.cmd == nil || v.done == nil || v.exited() {
-		return
-	}
-	_ = v.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-v.done:
-	case <-time.After(stopGrace):
-		_ = v.cmd.Process.Kill()
-		<-v.done
-	}
-}
-
-// tail returns the last n lines of Vault's log.
-func (v *Vault) tail(n int) string {
-	data, err := os.ReadFile(v.logPath)
-	if err != nil {
-		return fmt.Sprintf("(cannot read %s: %v)", v.logPath, err)
-	}
-	lines := bytes.Split(bytes.TrimRight(data, "\n"), []byte("\n"))
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return string(bytes.Join(lines, []byte("\n")))
 }
 
 // Addr returns Vault's URL, https://127.0.0.1:<port>.
@@ -313,100 +212,8 @@ func (v *Vault) RootToken() string { return v.token }
 // change its token or namespace; use Clone for that.
 func (v *Vault) Client() *api.Client { return v.client }
 
-// freePort returns a loopback port that was free a moment ago. Another
-// process may take it before Vault binds; start retries on that.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("free port: %w", err)
-	}
-	defer l.Close()
-	addr, ok := l.Addr().(*net.TCPAddr)
-	if !ok {
-		return 0, errors.New("free port: not a TCP address")
-	}
-	return addr.Port, nil
-}
-
-// The binary is located once per test binary.
-var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-)
-
-func binary() (string, error) {
-	binOnce.Do(func() { binPath, binErr = locateBinary() })
-	return binPath, binErr
-}
-
-func locateBinary() (string, error) {
-	if dir := os.Getenv(binDirEnv); dir != "" {
-		bin := filepath.Join(dir, "vault")
-		if err := checkExecutable(bin); err != nil {
-			return "", fmt.Errorf("%s=%s: %w", binDirEnv, dir, err)
-		}
-		return bin, nil
-	}
-	root, err := moduleRoot()
-	if err != nil {
-		return "", err
-	}
-	// The script owns the cache layout (its directory name hashes the
-	// pins), so it is asked rather than the layout re-derived here; -n
-	// keeps it from starting a build.
-	script := filepath.Join(root, "hack", "vault.sh")
-	cmd := exec.Command("bash", script, "-q", "-n")
-	cmd.Dir = root
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s -q -n: %w: %s", script, err, strings.TrimSpace(stderr.String()))
-	}
-	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
-	bin := filepath.Join(lines[len(lines)-1], "vault")
-	if err := checkExecutable(bin); err != nil {
-		return "", fmt.Errorf("%s printed %q: %w", script, lines[len(lines)-1], err)
-	}
-	return bin, nil
-}
-
-func checkExecutable(path string) error {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return err
-	}
-	if fi.Mode()&0o111 == 0 {
-		return fmt.Errorf("%s is not executable", path)
-	}
-	return nil
-}
-
-// moduleRoot finds meshca's go.mod above the working directory, which go
-// test sets to the package under test.
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		data, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-		if err == nil && isModule(string(data), modulePath) {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("no go.mod for %s above the working directory; set %s", modulePath, binDirEnv)
-		}
-		dir = parent
-	}
-}
-
-func isModule(gomod, path string) bool {
-	for _, line := range strings.Split(gomod, "\n") {
-		if f := strings.Fields(line); len(f) == 2 && f[0] == "module" {
-			return strings.Trim(f[1], `"`) == path
-		}
-	}
-	return false
-}
+// binDir returns the directory holding the vault binary, located once per
+// test binary. -n keeps the script from starting a build.
+var binDir = sync.OnceValues(func() (string, error) {
+	return fixture.BinDir(binDirEnv, "hack/vault.sh", []string{"-q", "-n"}, "vault")
+})
