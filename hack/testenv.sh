@@ -10,37 +10,22 @@
 # instead of reusing a stale one. A cached build costs milliseconds; a cold one
 # about 5 minutes on 2 cores.
 #
-# A directory counts as built only when it holds the .complete stamp. Builds go
-# to a temporary directory that is renamed into place after the stamp is
-# written, so an interrupted build is never mistaken for a complete one, and a
-# lock serialises concurrent callers (parallel test binaries all call this).
+# hack/lib.sh holds the caching and locking it shares with hack/vault.sh.
 #
 # Options: -q  print only the directory (used by internal/testenv).
 set -euo pipefail
 
 quiet=0
 if [[ "${1:-}" == "-q" ]]; then quiet=1; fi
-log() { if [[ $quiet == 0 ]]; then echo "testenv: $*" >&2; fi; }
-die() { echo "testenv: ERROR: $*" >&2; exit 1; }
-
+prefix=testenv
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools="$root/tools/kube"
-cache="${MESHCA_CACHE_DIR:-$HOME/.cache/meshca}"
-GO="${GO:-go}"
+# shellcheck source=hack/lib.sh
+source "$root/hack/lib.sh"
 
-command -v "$GO" >/dev/null || die "go not found in PATH"
-[[ -f "$tools/go.mod" ]] || die "$tools/go.mod missing"
-
-# The versions are the pins in tools/kube/go.mod, read without running go
-# (which would cost the cached path a tenth of a second each time).
-pin() { awk -v m="$1" '{ sub(/^require[ \t]+/, "") } $1 == m { print $2; exit }' "$tools/go.mod"; }
 KUBE_VERSION="$(pin k8s.io/kubernetes)"
 ETCD_VERSION="$(pin go.etcd.io/etcd/server/v3)"
 [[ -n "$KUBE_VERSION" && -n "$ETCD_VERSION" ]] || die "cannot read the kubernetes and etcd pins from $tools/go.mod"
-
-# Keep the build independent of the caller's environment: a go.work, GOFLAGS
-# such as -mod=vendor or a cgo toolchain must not change what gets built.
-export GOWORK=off GOFLAGS=-mod=readonly CGO_ENABLED=0
 
 major="${KUBE_VERSION#v}"; major="${major%%.*}"
 minor="${KUBE_VERSION#v*.}"; minor="${minor%%.*}"
@@ -58,35 +43,13 @@ bindir="$cache/bin/$key"
 
 complete() { [[ -f "$bindir/.complete" && -x "$bindir/kube-apiserver" && -x "$bindir/etcd" ]]; }
 
-if complete; then
-	log "cached: $bindir"
-	echo "$bindir"
-	exit 0
-fi
-
-mkdir -p "$cache/bin" || die "cannot create $cache/bin"
-exec 9>"$cache/bin/.lock"
-if command -v flock >/dev/null; then
-	log "waiting for build lock $cache/bin/.lock"
-	flock 9
-	# Holding the lock, no other build is running: temporary directories
-	# left are from builds that were killed, and only waste space.
-	rm -rf "$cache/bin"/.tmp-*
-fi
-if complete; then # another caller built it while we waited
-	log "cached: $bindir"
-	echo "$bindir"
-	exit 0
-fi
-
-tmp="$(mktemp -d "$cache/bin/.tmp-$key.XXXXXX")"
-chmod 755 "$tmp" # mktemp makes it 0700; the cache may be shared
+exit_if_built
+begin_build
 # Dedicated build cache: the 2.5 GB of compiled kubernetes packages are useless
 # once the binaries exist, so it is deleted after a successful build rather
 # than left to bloat the user's GOCACHE. It survives a failed build so a retry
 # resumes. MESHCA_KEEP_TOOLS_GOCACHE=1 keeps it.
 gocache="$cache/go-build-tools"
-trap 'rm -rf "$tmp"' EXIT
 
 cd "$tools"
 export GOCACHE="$gocache"
@@ -113,10 +76,4 @@ log "kube-apiserver built in $((SECONDS - t2))s"
 "$tmp/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" ||
 	die "built etcd reports the wrong version: $("$tmp/etcd" --version | head -1)"
 
-date -u +%FT%TZ >"$tmp/.complete"
-rm -rf "$bindir" # an incomplete leftover from a build that predates the stamp
-mv "$tmp" "$bindir" || die "cannot move $tmp to $bindir"
-trap - EXIT
-if [[ "${MESHCA_KEEP_TOOLS_GOCACHE:-}" != 1 ]]; then rm -rf "$gocache"; fi
-log "built in $((SECONDS - t0))s: $bindir"
-echo "$bindir"
+finish_build "$gocache"

@@ -10,11 +10,9 @@
 # instead of reusing a stale one. A cached build costs milliseconds; a cold one
 # about 15 minutes on 2 cores (3 to resolve 670 MB of modules, 12 to compile).
 #
-# A directory counts as built only when it holds the .complete stamp. Builds go
-# to a temporary directory that is renamed into place after the stamp is
-# written, so an interrupted build is never mistaken for a complete one. The
-# lock is the one hack/testenv.sh takes: both scripts clear leftover .tmp-*
-# directories while holding it, which must never catch the other's build.
+# hack/lib.sh holds the caching and locking it shares with hack/testenv.sh:
+# both take one lock, as both clear leftover .tmp-* directories while holding
+# it, which must never catch the other's build.
 #
 # Vault is BUSL-licensed: it is built and run as a test fixture only.
 #
@@ -32,25 +30,14 @@ for arg in "$@"; do
 	*) echo "usage: $0 [-q] [-n]" >&2; exit 2 ;;
 	esac
 done
-log() { if [[ $quiet == 0 ]]; then echo "vault: $*" >&2; fi; }
-die() { echo "vault: ERROR: $*" >&2; exit 1; }
-
+prefix=vault
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools="$root/tools/vault"
-cache="${MESHCA_CACHE_DIR:-$HOME/.cache/meshca}"
-GO="${GO:-go}"
+# shellcheck source=hack/lib.sh
+source "$root/hack/lib.sh"
 
-command -v "$GO" >/dev/null || die "go not found in PATH"
-[[ -f "$tools/go.mod" ]] || die "$tools/go.mod missing"
-
-# The version is the pin in tools/vault/go.mod, read without running go.
-pin() { awk -v m="$1" '{ sub(/^require[ \t]+/, "") } $1 == m { print $2; exit }' "$tools/go.mod"; }
 VAULT_VERSION="$(pin github.com/hashicorp/vault)"
 [[ -n "$VAULT_VERSION" ]] || die "cannot read the github.com/hashicorp/vault pin from $tools/go.mod"
-
-# Keep the build independent of the caller's environment: a go.work, GOFLAGS
-# such as -mod=vendor or a cgo toolchain must not change what gets built.
-export GOWORK=off GOFLAGS=-mod=readonly CGO_ENABLED=0
 
 # No build tags: the "ui" tag would embed the web UI, which tests never use.
 ldflags="-s -w"
@@ -65,39 +52,18 @@ bindir="$cache/bin/$key"
 
 complete() { [[ -f "$bindir/.complete" && -x "$bindir/vault" ]]; }
 
-if complete; then
-	log "cached: $bindir"
-	echo "$bindir"
-	exit 0
-fi
+exit_if_built
 
 if [[ $nobuild == 1 ]]; then
 	die "vault $VAULT_VERSION is not built in $bindir; build it with: bash hack/vault.sh (or make testenv), about 15 minutes cold"
 fi
 
-mkdir -p "$cache/bin" || die "cannot create $cache/bin"
-exec 9>"$cache/bin/.lock"
-if command -v flock >/dev/null; then
-	log "waiting for build lock $cache/bin/.lock"
-	flock 9
-	# Holding the lock, no other build is running: temporary directories
-	# left are from builds that were killed, and only waste space.
-	rm -rf "$cache/bin"/.tmp-*
-fi
-if complete; then # another caller built it while we waited
-	log "cached: $bindir"
-	echo "$bindir"
-	exit 0
-fi
-
-tmp="$(mktemp -d "$cache/bin/.tmp-$key.XXXXXX")"
-chmod 755 "$tmp" # mktemp makes it 0700; the cache may be shared
+begin_build
 # Dedicated build cache: the ~4 GB of compiled Vault packages are useless once
 # the binary exists, so it is deleted after a successful build rather than
 # left to bloat the user's GOCACHE. It survives a failed build so a retry
 # resumes. MESHCA_KEEP_TOOLS_GOCACHE=1 keeps it.
 gocache="$cache/go-build-vault"
-trap 'rm -rf "$tmp"' EXIT
 
 cd "$tools"
 export GOCACHE="$gocache"
@@ -117,10 +83,4 @@ log "vault built in $((SECONDS - t1))s"
 "$tmp/vault" version | grep -q "^Vault $VAULT_VERSION\b" ||
 	die "built vault reports '$("$tmp/vault" version)', want Vault $VAULT_VERSION"
 
-date -u +%FT%TZ >"$tmp/.complete"
-rm -rf "$bindir" # an incomplete leftover from a build that predates the stamp
-mv "$tmp" "$bindir" || die "cannot move $tmp to $bindir"
-trap - EXIT
-if [[ "${MESHCA_KEEP_TOOLS_GOCACHE:-}" != 1 ]]; then rm -rf "$gocache"; fi
-log "built in $((SECONDS - t0))s: $bindir"
-echo "$bindir"
+finish_build "$gocache"
