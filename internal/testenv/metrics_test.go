@@ -1,6 +1,10 @@
 package testenv
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 func TestSumMetric(t *testing.T) {
 	const text = `# TYPE apiserver_request_total counter
@@ -31,6 +35,37 @@ d_count 4
 				t.Fatal(err)
 			}
 			if got != tc.want {
+				t.Errorf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestGatheredValue(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	logins := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "logins_total"}, []string{"method", "result"})
+	latency := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "latency_seconds"})
+	reg.MustRegister(logins, latency)
+	logins.WithLabelValues("approle", "ok").Add(3)
+	logins.WithLabelValues("approle", "error").Add(1)
+	logins.WithLabelValues("kubernetes", "ok").Add(2)
+	latency.Observe(0.1)
+	latency.Observe(0.2)
+	for _, tc := range []struct {
+		name   string
+		metric string
+		labels map[string]string
+		want   float64
+	}{
+		{"filtered", "logins_total", map[string]string{"result": "ok"}, 5},
+		{"two labels", "logins_total", map[string]string{"method": "approle", "result": "error"}, 1},
+		{"all series", "logins_total", nil, 6},
+		{"no match", "logins_total", map[string]string{"method": "token"}, 0},
+		{"absent metric", "nothing_total", nil, 0},
+		{"histogram count", "latency_seconds", nil, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := GatheredValue(t, reg, tc.metric, tc.labels); got != tc.want {
 				t.Errorf("got %v, want %v", got, tc.want)
 			}
 		})

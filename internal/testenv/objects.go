@@ -6,16 +6,12 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
-	"fmt"
 	"os"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -122,44 +118,6 @@ func (k *Kube) MetricValue(t testing.TB, name string, labels map[string]string) 
 		t.Fatalf("testenv: %v", err)
 	}
 	return v
-}
-
-func sumMetric(text, name string, labels map[string]string) (float64, error) {
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(strings.NewReader(text))
-	if err != nil {
-		return 0, fmt.Errorf("parsing /metrics: %w", err)
-	}
-	mf, ok := families[name]
-	if !ok {
-		return 0, nil
-	}
-	var sum float64
-next:
-	for _, m := range mf.GetMetric() {
-		have := make(map[string]string, len(m.GetLabel()))
-		for _, lp := range m.GetLabel() {
-			have[lp.GetName()] = lp.GetValue()
-		}
-		for k, v := range labels {
-			if have[k] != v {
-				continue next
-			}
-		}
-		switch {
-		case m.Counter != nil:
-			sum += m.GetCounter().GetValue()
-		case m.Gauge != nil:
-			sum += m.GetGauge().GetValue()
-		case m.Untyped != nil:
-			sum += m.GetUntyped().GetValue()
-		case m.Histogram != nil:
-			sum += float64(m.GetHistogram().GetSampleCount())
-		case m.Summary != nil:
-			sum += float64(m.GetSummary().GetSampleCount())
-		}
-	}
-	return sum, nil
 }
 
 // AdminToken returns the static token of the admin user, a user that is not

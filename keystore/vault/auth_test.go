@@ -45,7 +45,7 @@ func TestTokenRenewal(t *testing.T) {
 		if err := signVerify(signer, "renewing"); err != nil {
 			t.Fatalf("signing while the token is renewed: %v", err)
 		}
-		return metricValue(t, reg, "meshca_vault_token_renewals_total", nil) >= 3
+		return testenv.GatheredValue(t, reg, "meshca_vault_token_renewals_total", nil) >= 3
 	})
 	if err := signVerify(signer, "renewed"); err != nil {
 		t.Fatalf("signing after renewals: %v", err)
@@ -82,19 +82,7 @@ func TestTokenMaxTTL(t *testing.T) {
 // before each expires.
 func TestAppRole(t *testing.T) {
 	t.Parallel()
-	v := vaulttest.Start(t)
-	v.WritePolicy(t, "meshca-keys", keysPolicy)
-	v.EnableAuth(t, "approle", "approle")
-	roleID, secretID := v.AppRole(t, "approle", "meshca", map[string]any{
-		"token_policies":          []string{"meshca-keys"},
-		"token_no_default_policy": true,
-		"token_ttl":               shortTTL,
-		"token_max_ttl":           shortTTL,
-	})
-	reg := prometheus.NewRegistry()
-	cfg := config(v, vault.AppRoleAuth{RoleID: roleID, SecretIDFile: writeFile(t, t.TempDir(), "secret-id", secretID)})
-	cfg.Metrics = vault.NewMetrics(reg)
-	s := newStore(t, cfg)
+	v, s, reg := shortAppRoleStore(t)
 	if err := s.Check(t.Context()); err != nil {
 		t.Fatalf("Check: %v", err)
 	}
@@ -106,7 +94,7 @@ func TestAppRole(t *testing.T) {
 	runStore(t, s)
 
 	logins := func() float64 {
-		return metricValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "approle", "result": "ok"})
+		return testenv.GatheredValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "approle", "result": "ok"})
 	}
 	// Until the first token is gone and two more logins have happened,
 	// every signature must still succeed.
@@ -119,7 +107,7 @@ func TestAppRole(t *testing.T) {
 	if err := signVerify(signer, "after expiry"); err != nil {
 		t.Fatalf("signing after the first token expired: %v", err)
 	}
-	if n := metricValue(t, reg, "meshca_vault_logins_total", map[string]string{"result": "error"}); n != 0 {
+	if n := testenv.GatheredValue(t, reg, "meshca_vault_logins_total", map[string]string{"result": "error"}); n != 0 {
 		t.Errorf("%v failed logins, want 0", n)
 	}
 }
@@ -187,19 +175,39 @@ func TestKubernetes(t *testing.T) {
 		if err := clock.BlockUntilContext(ctx, 1); err != nil {
 			t.Fatalf("Run did not wait to retry a failed login: %v", err)
 		}
-		if n := metricValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "kubernetes", "result": "error"}); n != 1 {
+		if n := testenv.GatheredValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "kubernetes", "result": "error"}); n != 1 {
 			t.Fatalf("%v failed logins, want 1", n)
 		}
 		writeFile(t, dir, "token", k.Token(t, ns, "meshca", nil, time.Hour, nil))
 		clock.Advance(time.Second)
 		waitFor(t, waitLimit, "a login with the new token", func() bool {
 			// Check's login, then the retried one.
-			return metricValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "kubernetes", "result": "ok"}) >= 2
+			return testenv.GatheredValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "kubernetes", "result": "ok"}) >= 2
 		})
 		if err := signVerify(signer, "after re-login"); err != nil {
 			t.Fatalf("signing after re-login: %v", err)
 		}
 	})
+}
+
+// shortAppRoleStore starts a Vault and returns a store that logs in to it
+// with AppRole, as a role whose tokens hold keysPolicy and expire after
+// shortTTL, unrenewable, and the registry of the store's metrics.
+func shortAppRoleStore(t *testing.T) (*vaulttest.Vault, *vault.Store, *prometheus.Registry) {
+	t.Helper()
+	v := vaulttest.Start(t)
+	v.WritePolicy(t, "meshca-keys", keysPolicy)
+	v.EnableAuth(t, "approle", "approle")
+	roleID, secretID := v.AppRole(t, "approle", "meshca", map[string]any{
+		"token_policies":          []string{"meshca-keys"},
+		"token_no_default_policy": true,
+		"token_ttl":               shortTTL,
+		"token_max_ttl":           shortTTL,
+	})
+	reg := prometheus.NewRegistry()
+	cfg := config(v, vault.AppRoleAuth{RoleID: roleID, SecretIDFile: writeFile(t, t.TempDir(), "secret-id", secretID)})
+	cfg.Metrics = vault.NewMetrics(reg)
+	return v, newStore(t, cfg), reg
 }
 
 // approleAccessors lists the accessors of live tokens issued by AppRole.
@@ -241,19 +249,7 @@ func tokenExists(t *testing.T, v *vaulttest.Vault, accessor string) bool {
 // signature succeeds.
 func TestSignLogsInAgainAfterExpiry(t *testing.T) {
 	t.Parallel()
-	v := vaulttest.Start(t)
-	v.WritePolicy(t, "meshca-keys", keysPolicy)
-	v.EnableAuth(t, "approle", "approle")
-	roleID, secretID := v.AppRole(t, "approle", "meshca", map[string]any{
-		"token_policies":          []string{"meshca-keys"},
-		"token_no_default_policy": true,
-		"token_ttl":               shortTTL,
-		"token_max_ttl":           shortTTL,
-	})
-	reg := prometheus.NewRegistry()
-	cfg := config(v, vault.AppRoleAuth{RoleID: roleID, SecretIDFile: writeFile(t, t.TempDir(), "secret-id", secretID)})
-	cfg.Metrics = vault.NewMetrics(reg)
-	s := newStore(t, cfg)
+	v, s, reg := shortAppRoleStore(t)
 	signer := generate(t, s, "ca")
 	first := approleAccessors(t, v)
 	if len(first) != 1 {
@@ -263,7 +259,7 @@ func TestSignLogsInAgainAfterExpiry(t *testing.T) {
 	if err := signVerify(signer, "after expiry"); err != nil {
 		t.Fatalf("signing with an expired token and no Run: %v", err)
 	}
-	if n := metricValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "approle", "result": "ok"}); n != 2 {
+	if n := testenv.GatheredValue(t, reg, "meshca_vault_logins_total", map[string]string{"method": "approle", "result": "ok"}); n != 2 {
 		t.Errorf("%v logins, want 2: the first and one after expiry", n)
 	}
 }

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/vault/api"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshca/meshca/internal/vaulttest"
 	"github.com/meshca/meshca/keystore"
@@ -141,41 +140,6 @@ func writeFile(t *testing.T, dir, name, content string) string {
 		t.Fatal(err)
 	}
 	return path
-}
-
-// metricValue sums the series of metric name whose labels include labels;
-// a metric with no series yet is 0.
-func metricValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatalf("gathering metrics: %v", err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range mf.GetMetric() {
-			have := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				have[lp.GetName()] = lp.GetValue()
-			}
-			for k, v := range labels {
-				if have[k] != v {
-					continue next
-				}
-			}
-			switch {
-			case m.Counter != nil:
-				sum += m.GetCounter().GetValue()
-			case m.Histogram != nil:
-				sum += float64(m.GetHistogram().GetSampleCount())
-			}
-		}
-	}
-	return sum
 }
 
 // waitFor polls cond every 20 ms until it holds, failing the test after

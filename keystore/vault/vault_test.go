@@ -26,6 +26,7 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshca/meshca/internal/testenv"
 	"github.com/meshca/meshca/internal/vaulttest"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/keystore/keystoretest"
@@ -254,10 +255,10 @@ func TestSignMetrics(t *testing.T) {
 	if _, err := signer.Sign(nil, short[:], crypto.SHA256); err == nil {
 		t.Error("signing a digest of the wrong length succeeded")
 	}
-	if got := metricValue(t, reg, "meshca_vault_sign_requests_total", map[string]string{"result": "ok"}); got != 3 {
+	if got := testenv.GatheredValue(t, reg, "meshca_vault_sign_requests_total", map[string]string{"result": "ok"}); got != 3 {
 		t.Errorf("sign requests ok = %v, want 3", got)
 	}
-	if got := metricValue(t, reg, "meshca_vault_sign_duration_seconds", nil); got != 3 {
+	if got := testenv.GatheredValue(t, reg, "meshca_vault_sign_duration_seconds", nil); got != 3 {
 		t.Errorf("sign latency samples = %v, want 3", got)
 	}
 }
