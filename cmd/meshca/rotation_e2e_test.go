@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,6 +27,7 @@ import (
 	"github.com/meshca/meshca/internal/admin"
 	"github.com/meshca/meshca/internal/rotation"
 	"github.com/meshca/meshca/internal/testenv"
+	"github.com/meshca/meshca/internal/testenv/fixture"
 	"github.com/meshca/meshca/sds/sdstest"
 )
 
@@ -62,12 +64,11 @@ type workload struct {
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := fixture.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 }
 
 func startMesh(t *testing.T, names ...string) *mesh {

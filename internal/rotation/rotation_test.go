@@ -15,6 +15,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/internal/rotation"
+	"github.com/meshca/meshca/internal/testenv"
 	"github.com/meshca/meshca/sds"
 )
 
@@ -148,7 +149,7 @@ func TestActivateWaitsForEveryProxy(t *testing.T) {
 			t.Errorf("refusal %q does not say %q", err, want)
 		}
 	}
-	if got := counter(t, e.reg, "meshca_root_rotation_refused_total"); got != 1 {
+	if got := testenv.GatheredValue(t, e.reg, "meshca_root_rotation_refused_total", nil); got != 1 {
 		t.Errorf("refused metric = %v, want 1", got)
 	}
 	st, err := e.rot.Status(context.Background())
@@ -347,23 +348,4 @@ func TestScheduleRunsTheRotation(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-}
-
-func counter(t *testing.T, reg *prometheus.Registry, name string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			var sum float64
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue()
-			}
-			return sum
-		}
-	}
-	t.Fatalf("metric %s not found", name)
-	return 0
 }
