@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -18,6 +19,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/meshca/meshca/keystore"
 )
 
 // Source provides and maintains the issuer: a CA whose keys meshca manages
@@ -41,6 +44,10 @@ type Config struct {
 	TTL                TTLPolicy // zero value: DefaultTTLPolicy
 	// MaintainInterval is how often Source.Maintain runs (default 10s).
 	MaintainInterval time.Duration
+	// RetryMin and RetryMax pace the retries of a failed maintenance pass
+	// (a keystore that is down): the first comes after RetryMin, each next
+	// one after twice the delay, up to RetryMax. Defaults 1s and 1m.
+	RetryMin, RetryMax time.Duration
 	Clock            clockwork.Clock
 	Logger           *slog.Logger
 	Metrics          prometheus.Registerer
@@ -61,6 +68,17 @@ type Authority struct {
 
 	mu      sync.Mutex
 	changed chan struct{}
+	// failing is the maintenance failure in progress, if any.
+	failing *Failure
+}
+
+// Failure describes maintenance that keeps failing: the issuer in use
+// stays until it expires, and renewal is retried.
+type Failure struct {
+	Since     time.Time
+	Attempts  int
+	Err       error
+	NextRetry time.Time
 }
 
 // state is what signing needs, derived once per issuer change.
@@ -86,6 +104,12 @@ func New(cfg Config) (*Authority, error) {
 	}
 	if cfg.MaintainInterval <= 0 {
 		cfg.MaintainInterval = 10 * time.Second
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = time.Second
+	}
+	if cfg.RetryMax <= 0 {
+		cfg.RetryMax = time.Minute
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = clockwork.NewRealClock()
@@ -117,22 +141,75 @@ func (a *Authority) Init(ctx context.Context) error {
 	return nil
 }
 
-// Run keeps the issuer fresh until ctx ends. Maintenance failures are logged
-// and retried on the next tick; the current issuer keeps signing meanwhile.
+// Run keeps the issuer fresh until ctx ends. A failed pass is logged and
+// retried with backoff; the current issuer keeps signing meanwhile, so a
+// keystore outage stops renewals, not issuance.
 func (a *Authority) Run(ctx context.Context) error {
-	t := a.clock.NewTicker(a.cfg.MaintainInterval)
+	t := a.clock.NewTimer(a.cfg.MaintainInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.Chan():
-			if err := a.Maintain(ctx); err != nil {
-				a.metrics.maintainErrors.Inc()
-				a.log.Error("CA maintenance failed; still signing with the current issuer", "err", err)
-			}
 		}
+		delay := a.cfg.MaintainInterval
+		if err := a.Maintain(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			delay = a.failed(err)
+		} else {
+			a.recovered()
+		}
+		t.Reset(delay)
 	}
+}
+
+// failed records a failed pass and returns the delay before the next.
+func (a *Authority) failed(err error) time.Duration {
+	now := a.clock.Now()
+	a.metrics.maintainErrors.Inc()
+	a.metrics.maintainFailing.Set(1)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	f := a.failing
+	if f == nil {
+		f = &Failure{Since: now}
+	} else {
+		f = &Failure{Since: f.Since, Attempts: f.Attempts}
+	}
+	f.Attempts++
+	f.Err = err
+	delay := a.cfg.RetryMin
+	for i := 1; i < f.Attempts && delay < a.cfg.RetryMax; i++ {
+		delay *= 2
+	}
+	delay = min(delay, a.cfg.RetryMax)
+	f.NextRetry = now.Add(delay)
+	a.failing = f
+	iss := a.Issuer()
+	a.log.Error("CA maintenance failed; still signing with the current issuer", "err", err,
+		"attempts", f.Attempts, "failingSince", f.Since, "retryIn", delay, "issuerNotAfter", iss.Cert.NotAfter)
+	return delay
+}
+
+func (a *Authority) recovered() {
+	a.mu.Lock()
+	f := a.failing
+	a.failing = nil
+	a.mu.Unlock()
+	if f != nil {
+		a.metrics.maintainFailing.Set(0)
+		a.log.Info("CA maintenance recovered", "failedAttempts", f.Attempts, "failingSince", f.Since)
+	}
+}
+
+// Failing returns the maintenance failure in progress, or nil.
+func (a *Authority) Failing() *Failure {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.failing
 }
 
 // Maintain runs one maintenance pass: renewal or reload.
@@ -209,6 +286,9 @@ func (a *Authority) Rotate(ctx context.Context, step Step) (Rotation, error) {
 	}
 	now := a.clock.Now()
 	iss, err := r.Rotate(ctx, now, step)
+	if errors.Is(err, keystore.ErrUnavailable) {
+		return Rotation{}, fmt.Errorf("ca: rotation step %s needs the root keystore, which is unavailable; nothing changed, retry once it is back: %w", step, err)
+	}
 	if err != nil {
 		return Rotation{}, err
 	}

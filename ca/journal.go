@@ -7,8 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"time"
-
-	"github.com/meshca/meshca/internal/atomicfile"
 )
 
 // journalVersion is bumped on incompatible changes to the journal format.
@@ -50,30 +48,34 @@ func LoadJournal(path string) (*Journal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ca: journal: %w", err)
 	}
+	j, err := parseJournal(data)
+	if err != nil {
+		return nil, fmt.Errorf("%w (%s)", err, path)
+	}
+	return j, nil
+}
+
+func parseJournal(data []byte) (*Journal, error) {
 	var j Journal
 	if err := json.Unmarshal(data, &j); err != nil {
-		return nil, fmt.Errorf("ca: journal %s is corrupt: %w", path, err)
+		return nil, fmt.Errorf("ca: journal is corrupt: %w", err)
 	}
 	if j.Version != journalVersion && j.Version != 1 {
-		return nil, fmt.Errorf("ca: journal %s has version %d, this meshca reads version %d", path, j.Version, journalVersion)
+		return nil, fmt.Errorf("ca: journal has version %d, this meshca reads version %d", j.Version, journalVersion)
 	}
 	if j.Current == nil {
-		return nil, fmt.Errorf("ca: journal %s has no current slot", path)
+		return nil, fmt.Errorf("ca: journal has no current slot")
 	}
 	return &j, nil
 }
 
-// Save writes the journal atomically.
-func (j *Journal) Save(path string) error {
+func (j *Journal) marshal() ([]byte, error) {
 	j.Version = journalVersion
 	data, err := json.MarshalIndent(j, "", "  ")
 	if err != nil {
-		return fmt.Errorf("ca: journal: %w", err)
+		return nil, fmt.Errorf("ca: journal: %w", err)
 	}
-	if err := atomicfile.Write(path, data, 0o600); err != nil {
-		return fmt.Errorf("ca: journal: %w", err)
-	}
-	return nil
+	return data, nil
 }
 
 func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }

@@ -11,7 +11,9 @@ type metrics struct {
 	rootExpiry     prometheus.Gauge
 	intermExpiry   prometheus.Gauge
 	maintainErrors prometheus.Counter
-	issuerChanges  prometheus.Counter
+	// maintainFailing is 1 while maintenance keeps failing.
+	maintainFailing prometheus.Gauge
+	issuerChanges   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -41,13 +43,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "meshca_ca_maintenance_errors_total",
 			Help: "Failed attempts to renew the intermediate or reload plugged-in CA files.",
 		}),
+		maintainFailing: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "meshca_ca_maintenance_failing",
+			Help: "1 while the last attempt to renew the intermediate (or reload CA files) failed and is being retried; the current issuer keeps signing until meshca_ca_issuer_expiry_timestamp_seconds.",
+		}),
 		issuerChanges: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meshca_ca_issuer_changes_total",
 			Help: "Times the signing certificate or trust bundle changed (renewal, reload, rotation).",
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.issued, m.clamped, m.signSeconds, m.rootExpiry, m.intermExpiry, m.maintainErrors, m.issuerChanges)
+		reg.MustRegister(m.issued, m.clamped, m.signSeconds, m.rootExpiry, m.intermExpiry, m.maintainErrors, m.maintainFailing, m.issuerChanges)
 	}
 	return m
 }

@@ -81,7 +81,11 @@ func (s *SelfManaged) Rotation() (Rotation, error) {
 	if s.journal == nil {
 		return Rotation{}, ErrNotReady
 	}
-	return s.journal.rotation()
+	r, err := s.journal.rotation()
+	if err == nil && s.cfg.PerReplicaIntermediates && s.local != nil && s.local.rootKeyID == s.journal.Current.RootKeyID {
+		r.Intermediate = s.local.cert
+	}
+	return r, err
 }
 
 func (j *Journal) rotation() (Rotation, error) {
@@ -90,8 +94,11 @@ func (j *Journal) rotation() (Rotation, error) {
 	if r.Current, err = parseOne(j.Current.RootCertPEM); err != nil {
 		return r, err
 	}
-	if r.Intermediate, err = parseOne(j.Current.IntermediateCertPEM); err != nil {
-		return r, err
+	// Per-replica intermediates are not in the journal.
+	if j.Current.IntermediateCertPEM != "" {
+		if r.Intermediate, err = parseOne(j.Current.IntermediateCertPEM); err != nil {
+			return r, err
+		}
 	}
 	r.Phase = PhaseIdle
 	if j.Next != nil {
@@ -173,13 +180,12 @@ func (s *SelfManaged) prepare(ctx context.Context, now time.Time) (*Issuer, erro
 	next.Next = &Slot{RootKeyID: rootID, RootCertPEM: string(EncodeCerts(root))}
 	at := now.UTC()
 	next.PreparedAt, next.ActivatedAt = &at, nil
-	if err := next.Save(s.cfg.JournalPath); err != nil {
+	if err := s.save(ctx, &next); err != nil {
 		return nil, err
 	}
-	s.journal = &next
 	s.cfg.Logger.Info("prepared a new root CA; it is in the trust bundle and signs nothing yet",
 		"keyID", rootID, "notAfter", root.NotAfter, "fingerprint", Fingerprint(root))
-	return s.issuerFromSlot(ctx, next.Current)
+	return s.currentIssuer(ctx, now)
 }
 
 func (s *SelfManaged) activate(ctx context.Context, now time.Time) (*Issuer, error) {
@@ -212,15 +218,14 @@ func (s *SelfManaged) retire(ctx context.Context, now time.Time) (*Issuer, error
 	next := *j
 	retired := j.Retiring
 	next.Retiring, next.PreparedAt, next.ActivatedAt = nil, nil, nil
-	if err := next.Save(s.cfg.JournalPath); err != nil {
+	if err := s.save(ctx, &next); err != nil {
 		return nil, err
 	}
-	s.journal = &next
 	for _, slot := range retired {
 		s.cfg.Logger.Info("retired a root CA: it has left the trust bundle", "keyID", slot.RootKeyID)
 		s.deleteKey(ctx, slot.RootKeyID, "retired root")
 	}
-	return s.issuerFromSlot(ctx, next.Current)
+	return s.currentIssuer(ctx, now)
 }
 
 // newRoot creates a root key and its self-signed certificate.
@@ -254,4 +259,16 @@ func (s *SelfManaged) deleteKey(ctx context.Context, id, what string) {
 	if err := d.DeleteKey(ctx, id); err != nil {
 		s.cfg.Logger.Warn("could not delete a key that is no longer used", "what", what, "keyID", id, "err", err)
 	}
+}
+
+// currentIssuer is the issuer of the journal's current slot after a step
+// that did not change it.
+func (s *SelfManaged) currentIssuer(ctx context.Context, now time.Time) (*Issuer, error) {
+	if !s.cfg.PerReplicaIntermediates {
+		return s.issuerFromSlot(ctx, s.journal.Current)
+	}
+	if s.local == nil || s.local.rootKeyID != s.journal.Current.RootKeyID {
+		return s.signLocal(ctx, now)
+	}
+	return s.localIssuer()
 }

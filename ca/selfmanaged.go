@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -26,9 +27,20 @@ type KeyStore interface {
 // creates and renews itself.
 type SelfManagedConfig struct {
 	TrustDomain spiffeid.TrustDomain
-	Keys        KeyStore
-	// JournalPath is where the CA state is recorded.
+	// Keys holds the root keys, and the intermediate keys unless
+	// PerReplicaIntermediates is set.
+	Keys KeyStore
+	// Journal records the CA state. JournalPath is shorthand for a
+	// FileJournal; one of the two is required.
+	Journal     JournalStore
 	JournalPath string
+	// PerReplicaIntermediates gives each process its own intermediate: the
+	// key is generated in memory, signed by the root through Keys, and never
+	// written anywhere, so the journal holds only roots. It suits a keystore
+	// that is remote (Vault) or shared by replicas: leaves are signed
+	// locally, and Keys is used only at start, at each renewal and for root
+	// rotation.
+	PerReplicaIntermediates bool
 	// KeyType for the root and intermediates (default ecdsa-p256).
 	KeyType         keystore.KeyType
 	RootTTL         time.Duration // default 1 year
@@ -39,17 +51,36 @@ type SelfManagedConfig struct {
 // SelfManaged is a Source with a self-signed root and an intermediate
 // renewed at half its lifetime, so the intermediate always covers at least
 // half its lifetime worth of leaves.
+//
+// Several processes may share one journal (replicas of a server): each
+// Maintain re-reads it and follows what another wrote (a rotation step, a
+// renewed shared intermediate), and every write is a compare-and-swap on
+// the revision read, so two writers never silently undo each other.
 type SelfManaged struct {
-	cfg SelfManagedConfig
+	cfg   SelfManagedConfig
+	store JournalStore
 
 	mu      sync.Mutex
 	journal *Journal
+	rev     string
+	// local is this process's own intermediate (PerReplicaIntermediates).
+	local *localIntermediate
+}
+
+// localIntermediate is a per-replica intermediate and the root it chains to.
+type localIntermediate struct {
+	rootKeyID string
+	cert      *x509.Certificate
+	key       crypto.Signer
 }
 
 // NewSelfManaged validates cfg. It reads nothing until Load.
 func NewSelfManaged(cfg SelfManagedConfig) (*SelfManaged, error) {
-	if cfg.TrustDomain.IsZero() || cfg.Keys == nil || cfg.JournalPath == "" {
-		return nil, fmt.Errorf("ca: self-managed CA needs a trust domain, a keystore and a journal path")
+	if cfg.Journal == nil && cfg.JournalPath != "" {
+		cfg.Journal = FileJournal{Path: cfg.JournalPath}
+	}
+	if cfg.TrustDomain.IsZero() || cfg.Keys == nil || cfg.Journal == nil {
+		return nil, fmt.Errorf("ca: self-managed CA needs a trust domain, a keystore and a journal")
 	}
 	if cfg.KeyType == "" {
 		cfg.KeyType = keystore.ECDSAP256
@@ -66,26 +97,101 @@ func NewSelfManaged(cfg SelfManagedConfig) (*SelfManaged, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &SelfManaged{cfg: cfg}, nil
+	return &SelfManaged{cfg: cfg, store: cfg.Journal}, nil
 }
 
-// Load reads the journal, or creates a new root and intermediate when there
-// is none yet.
+// Load reads the journal, or creates a new root when there is none yet, and
+// returns the issuer: the journal's intermediate, renewed if it is due, or
+// a fresh per-replica one.
 func (s *SelfManaged) Load(ctx context.Context, now time.Time) (*Issuer, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	j, err := LoadJournal(s.cfg.JournalPath)
-	if isNotExist(err) {
-		return s.bootstrap(ctx, now)
+	if _, err := s.reload(ctx); isNotExist(err) {
+		if err := s.bootstrap(ctx, now); err != nil {
+			return nil, err
+		}
+	} else if err != nil {
+		return nil, err
 	}
+	return s.issuer(ctx, now, true)
+}
+
+// Maintain follows changes another process made to the journal and renews
+// the intermediate once it is past half its lifetime. A journal that cannot
+// be read leaves the current issuer in place.
+func (s *SelfManaged) Maintain(ctx context.Context, now time.Time, current *Issuer) (*Issuer, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	changed, err := s.reload(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := j.rotation(); err != nil {
-		return nil, fmt.Errorf("ca: journal %s: %w", s.cfg.JournalPath, err)
+	if !changed && now.Before(renewAt(current.Cert)) {
+		return nil, nil
 	}
-	s.journal = j
-	iss, err := s.issuerFromSlot(ctx, j.Current)
+	return s.issuer(ctx, now, changed)
+}
+
+// reload reads the journal and adopts it when its revision differs from the
+// one in use.
+func (s *SelfManaged) reload(ctx context.Context) (changed bool, err error) {
+	data, rev, err := s.store.Load(ctx)
+	if err != nil {
+		return false, err
+	}
+	if s.journal != nil && rev == s.rev {
+		return false, nil
+	}
+	j, err := parseJournal(data)
+	if err != nil {
+		return false, err
+	}
+	if _, err := j.rotation(); err != nil {
+		return false, fmt.Errorf("ca: journal: %w", err)
+	}
+	if s.journal != nil {
+		s.cfg.Logger.Info("the CA journal was changed by another process; following it", "revision", rev)
+	}
+	s.journal, s.rev = j, rev
+	return true, nil
+}
+
+// save writes j if the journal is still at the revision last read, and
+// makes it the state in use. On a conflict the next reload adopts the
+// other writer's state.
+func (s *SelfManaged) save(ctx context.Context, j *Journal) error {
+	data, err := j.marshal()
+	if err != nil {
+		return err
+	}
+	rev, err := s.store.Save(ctx, data, s.rev)
+	if err != nil {
+		return err
+	}
+	s.journal, s.rev = j, rev
+	return nil
+}
+
+// issuer returns the issuer for the journal in use, renewing the
+// intermediate when it is missing, due, or (per replica) under another root.
+// fresh says the journal was just (re)read.
+func (s *SelfManaged) issuer(ctx context.Context, now time.Time, fresh bool) (*Issuer, error) {
+	cur := s.journal.Current
+	if s.cfg.PerReplicaIntermediates {
+		l := s.local
+		if l == nil || l.rootKeyID != cur.RootKeyID || !now.Before(renewAt(l.cert)) {
+			return s.signLocal(ctx, now)
+		}
+		if !fresh {
+			return nil, nil
+		}
+		return s.localIssuer()
+	}
+	if cur.IntermediateCertPEM == "" {
+		// Written by replicas with their own intermediates.
+		return s.renew(ctx, now)
+	}
+	iss, err := s.issuerFromSlot(ctx, cur)
 	if err != nil {
 		return nil, err
 	}
@@ -95,32 +201,33 @@ func (s *SelfManaged) Load(ctx context.Context, now time.Time) (*Issuer, error) 
 	return iss, nil
 }
 
-// Maintain renews the intermediate once it is past half its lifetime.
-func (s *SelfManaged) Maintain(ctx context.Context, now time.Time, current *Issuer) (*Issuer, error) {
-	if now.Before(renewAt(current.Cert)) {
-		return nil, nil
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.renew(ctx, now)
-}
-
 func renewAt(c *x509.Certificate) time.Time {
 	return c.NotBefore.Add(c.NotAfter.Sub(c.NotBefore) / 2)
 }
 
-func (s *SelfManaged) bootstrap(ctx context.Context, now time.Time) (*Issuer, error) {
+// bootstrap creates the first root and records it. When another replica
+// records one first, its root is adopted and ours discarded.
+func (s *SelfManaged) bootstrap(ctx context.Context, now time.Time) error {
 	rootID, root, err := s.newRoot(ctx, now)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	s.journal = &Journal{Current: &Slot{RootKeyID: rootID, RootCertPEM: string(EncodeCerts(root))}}
+	s.journal, s.rev = nil, ""
+	err = s.save(ctx, &Journal{Current: &Slot{RootKeyID: rootID, RootCertPEM: string(EncodeCerts(root))}})
+	if errors.Is(err, ErrJournalConflict) {
+		s.deleteKey(ctx, rootID, "root of a lost start-up race")
+		_, err = s.reload(ctx)
+		return err
+	}
+	if err != nil {
+		return err
+	}
 	s.cfg.Logger.Info("created a new self-signed root CA", "keyID", rootID,
 		"notAfter", root.NotAfter, "fingerprint", Fingerprint(root))
-	return s.renew(ctx, now)
+	return nil
 }
 
-// renew signs a new intermediate with the current root.
+// renew signs a new shared intermediate with the current root.
 func (s *SelfManaged) renew(ctx context.Context, now time.Time) (*Issuer, error) {
 	next := *s.journal
 	slot := *next.Current
@@ -139,24 +246,76 @@ func (s *SelfManaged) renew(ctx context.Context, now time.Time) (*Issuer, error)
 // signIntermediate signs a new intermediate with j.Current's root, puts it
 // in j.Current and saves j as the journal before it is used: a crash before
 // the save leaves the old state in force and at most an unused key behind.
+// With per-replica intermediates nothing is saved: j is saved as it is and
+// the intermediate stays in memory.
 func (s *SelfManaged) signIntermediate(ctx context.Context, now time.Time, j *Journal) (*Issuer, error) {
+	if s.cfg.PerReplicaIntermediates {
+		if err := s.save(ctx, j); err != nil {
+			return nil, err
+		}
+		return s.signLocal(ctx, now)
+	}
 	slot := j.Current
-	root, err := parseOne(slot.RootCertPEM)
-	if err != nil {
-		return nil, err
-	}
-	rootKey, err := s.cfg.Keys.GetKey(ctx, slot.RootKeyID)
-	if err != nil {
-		return nil, fmt.Errorf("ca: root key %s: %w", slot.RootKeyID, err)
-	}
 	id := newKeyID("intermediate", now)
 	key, err := s.cfg.Keys.GenerateKey(ctx, id, s.cfg.KeyType)
 	if err != nil {
 		return nil, fmt.Errorf("ca: create intermediate key: %w", err)
 	}
-	serial, err := NewSerial(rand.Reader)
+	cert, root, err := s.certifyIntermediate(ctx, now, slot, key)
+	if err != nil {
+		s.deleteKey(ctx, id, "unsigned intermediate")
+		return nil, err
+	}
+	slot.IntermediateKeyID = id
+	slot.IntermediateCertPEM = string(EncodeCerts(cert))
+	if err := s.save(ctx, j); err != nil {
+		s.deleteKey(ctx, id, "unrecorded intermediate")
+		return nil, err
+	}
+	s.cfg.Logger.Info("signed a new intermediate CA", "keyID", id, "notAfter", cert.NotAfter,
+		"fingerprint", Fingerprint(cert))
+	return &Issuer{Cert: cert, Signer: key, Chain: []*x509.Certificate{cert}, Roots: s.roots(root)}, nil
+}
+
+// signLocal makes this replica's intermediate under the journal's current
+// root. Only the root's signature involves the keystore.
+func (s *SelfManaged) signLocal(ctx context.Context, now time.Time) (*Issuer, error) {
+	slot := s.journal.Current
+	key, err := keystore.Generate(s.cfg.KeyType)
+	if err != nil {
+		return nil, fmt.Errorf("ca: create intermediate key: %w", err)
+	}
+	cert, _, err := s.certifyIntermediate(ctx, now, slot, key)
 	if err != nil {
 		return nil, err
+	}
+	s.local = &localIntermediate{rootKeyID: slot.RootKeyID, cert: cert, key: key}
+	s.cfg.Logger.Info("signed this replica's intermediate CA", "notAfter", cert.NotAfter,
+		"fingerprint", Fingerprint(cert), "root", slot.RootKeyID)
+	return s.localIssuer()
+}
+
+func (s *SelfManaged) localIssuer() (*Issuer, error) {
+	root, err := parseOne(s.journal.Current.RootCertPEM)
+	if err != nil {
+		return nil, err
+	}
+	l := s.local
+	return &Issuer{Cert: l.cert, Signer: l.key, Chain: []*x509.Certificate{l.cert}, Roots: s.roots(root)}, nil
+}
+
+// certifyIntermediate has slot's root sign an intermediate for key.
+func (s *SelfManaged) certifyIntermediate(ctx context.Context, now time.Time, slot *Slot, key crypto.Signer) (cert, root *x509.Certificate, err error) {
+	if root, err = parseOne(slot.RootCertPEM); err != nil {
+		return nil, nil, err
+	}
+	rootKey, err := s.cfg.Keys.GetKey(ctx, slot.RootKeyID)
+	if err != nil {
+		return nil, nil, fmt.Errorf("ca: root key %s: %w", slot.RootKeyID, err)
+	}
+	serial, err := NewSerial(rand.Reader)
+	if err != nil {
+		return nil, nil, err
 	}
 	v := Validity{NotBefore: now.Add(-Backdate), NotAfter: now.Add(s.cfg.IntermediateTTL)}
 	if v.NotAfter.After(root.NotAfter) {
@@ -164,21 +323,12 @@ func (s *SelfManaged) signIntermediate(ctx context.Context, now time.Time, j *Jo
 	}
 	tmpl, err := IntermediateTemplate(s.cfg.TrustDomain, key.Public(), serial, v)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	cert, err := createCert(tmpl, root, key.Public(), rootKey)
-	if err != nil {
-		return nil, err
+	if cert, err = createCert(tmpl, root, key.Public(), rootKey); err != nil {
+		return nil, nil, err
 	}
-	slot.IntermediateKeyID = id
-	slot.IntermediateCertPEM = string(EncodeCerts(cert))
-	if err := j.Save(s.cfg.JournalPath); err != nil {
-		return nil, err
-	}
-	s.journal = j
-	s.cfg.Logger.Info("signed a new intermediate CA", "keyID", id, "notAfter", cert.NotAfter,
-		"fingerprint", Fingerprint(cert))
-	return &Issuer{Cert: cert, Signer: key, Chain: []*x509.Certificate{cert}, Roots: s.roots(root)}, nil
+	return cert, root, nil
 }
 
 func (s *SelfManaged) issuerFromSlot(ctx context.Context, slot *Slot) (*Issuer, error) {

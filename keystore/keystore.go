@@ -55,6 +55,10 @@ var (
 	ErrUnsupportedKeyType = errors.New("keystore: unsupported key type")
 	// ErrInvalidID reports a key id that is not a safe, short name.
 	ErrInvalidID = errors.New("keystore: invalid key id")
+	// ErrUnavailable is matched by a remote backend's errors that say it
+	// cannot answer now (down, unreachable, sealed) rather than that the
+	// request is wrong: the operation may succeed if retried later.
+	ErrUnavailable = errors.New("keystore: backend unavailable")
 )
 
 // idPattern keeps ids usable as file names and Vault key names alike.

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"github.com/hashicorp/vault/api"
+
+	"github.com/meshca/meshca/keystore"
 )
 
 // Causes of failure, for errors.Is. Check reports the first that applies;
@@ -17,9 +19,9 @@ import (
 var (
 	// ErrUnreachable reports that Vault did not answer: a wrong address, a
 	// closed port, a DNS failure, or a certificate that does not verify.
-	ErrUnreachable = errors.New("keystore/vault: Vault unreachable")
+	ErrUnreachable error = unavailableError("keystore/vault: Vault unreachable")
 	// ErrSealed reports a sealed or uninitialised Vault.
-	ErrSealed = errors.New("keystore/vault: Vault is sealed")
+	ErrSealed error = unavailableError("keystore/vault: Vault is sealed")
 	// ErrMountMissing reports that no Transit secrets engine is mounted at
 	// the configured path.
 	ErrMountMissing = errors.New("keystore/vault: Transit mount missing")
@@ -34,6 +36,14 @@ var (
 	// backup: its private key may exist outside Vault, so it is not used.
 	ErrExportable = errors.New("keystore/vault: key is exportable")
 )
+
+// unavailableError is a cause that matches keystore.ErrUnavailable: the
+// CA keeps signing on what it has and retries.
+type unavailableError string
+
+func (e unavailableError) Error() string { return string(e) }
+
+func (e unavailableError) Is(target error) bool { return target == keystore.ErrUnavailable }
 
 // responseError shortens the api's multi-line error to one line, keeping it
 // in the chain for errors.As.
