@@ -48,9 +48,9 @@ type Config struct {
 	// (a keystore that is down): the first comes after RetryMin, each next
 	// one after twice the delay, up to RetryMax. Defaults 1s and 1m.
 	RetryMin, RetryMax time.Duration
-	Clock            clockwork.Clock
-	Logger           *slog.Logger
-	Metrics          prometheus.Registerer
+	Clock              clockwork.Clock
+	Logger             *slog.Logger
+	Metrics            prometheus.Registerer
 }
 
 // Authority issues X.509-SVIDs.
