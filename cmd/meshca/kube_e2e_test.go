@@ -21,6 +21,19 @@ import (
 // ends and returns its CA API address, read from its log.
 func startServer(t testing.TB, args ...string) string {
 	t.Helper()
+	return startServerProc(t, args...).grpc
+}
+
+// serverProc is a `meshca server` running in-process.
+type serverProc struct {
+	grpc, monitor string
+	logs          *syncBuffer
+}
+
+// startServerProc runs `meshca server` in-process with args until the test
+// ends and learns its addresses from its log.
+func startServerProc(t testing.TB, args ...string) *serverProc {
+	t.Helper()
 	logs := &syncBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := newRootCommand(io.Discard, logs)
@@ -33,11 +46,11 @@ func startServer(t testing.TB, args ...string) string {
 			t.Errorf("meshca server: %v", err)
 		}
 	})
-	re := regexp.MustCompile(`msg=serving grpc=(\S+)`)
+	re := regexp.MustCompile(`msg=serving grpc=(\S+) monitoring=(\S+)`)
 	deadline := time.Now().Add(time.Minute)
 	for time.Now().Before(deadline) {
 		if m := re.FindStringSubmatch(logs.String()); m != nil {
-			return m[1]
+			return &serverProc{grpc: m[1], monitor: m[2], logs: logs}
 		}
 		select {
 		case err := <-done:
@@ -46,7 +59,7 @@ func startServer(t testing.TB, args ...string) string {
 		}
 	}
 	t.Fatalf("server did not start:\n%s", logs.String())
-	return ""
+	return nil
 }
 
 // serverError runs `meshca server` with args, expecting it to refuse to

@@ -20,9 +20,7 @@ type serverOptions struct {
 	ca             caOptions
 	listen         listenOptions
 	dataDir        string
-	keystore       string
-	keystoreDir    string
-	passphraseFile string
+	keys           keystoreOptions
 	authenticator  string
 	kube           kubeOptions
 	devTokenKey    string
@@ -62,16 +60,11 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				c.auditMirror = cmd.OutOrStdout()
 			}
 			if o.ca.caDir == "" {
-				if o.keystore != "disk" {
-					return fmt.Errorf("--keystore must be disk, not %q", o.keystore)
-				}
-				dir := o.keystoreDir
-				if dir == "" {
-					dir = filepath.Join(o.dataDir, "keys")
-				}
-				if c.keys, err = openDiskKeystore(dir, o.passphraseFile, log); err != nil {
+				k, err := o.keys.open(ctx, o.dataDir, c.registry, log)
+				if err != nil {
 					return err
 				}
+				c.keys, c.perReplica, c.keysRun = k.keys, k.perReplica, k.run
 			}
 			if c.authn, err = o.buildAuthenticator(ctx, c.registry, log); err != nil {
 				return err
@@ -87,9 +80,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	o.ca.bind(fs)
 	o.listen.bind(fs, "", []string{"meshca", "meshca.meshca-system", "meshca.meshca-system.svc", "localhost"}, []string{"127.0.0.1"})
 	fs.StringVar(&o.dataDir, "data-dir", "/var/lib/meshca", "directory for the CA journal and, by default, the disk keystore")
-	fs.StringVar(&o.keystore, "keystore", "disk", "where CA keys live: disk")
-	fs.StringVar(&o.keystoreDir, "keystore-dir", "", "disk keystore directory (default <data-dir>/keys)")
-	fs.StringVar(&o.passphraseFile, "keystore-passphrase-file", "", "file holding the disk keystore's passphrase")
+	o.keys.bind(fs)
 	fs.StringVar(&o.authenticator, "authenticator", "kube", "how workload tokens are verified: kube (Kubernetes TokenReview) or dev (meshca's development token issuer)")
 	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")

@@ -49,6 +49,7 @@ type caOptions struct {
 	leafTTL         time.Duration
 	maxLeafTTL      time.Duration
 	coverage        int
+	maintain        time.Duration
 }
 
 func (o *caOptions) bind(fs *pflag.FlagSet) {
@@ -61,6 +62,7 @@ func (o *caOptions) bind(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.leafTTL, "leaf-ttl", ca.DefaultTTLPolicy.Default, "default workload certificate lifetime")
 	fs.DurationVar(&o.maxLeafTTL, "max-leaf-ttl", ca.DefaultTTLPolicy.Max, "longest workload certificate lifetime a caller may ask for (longer requests are shortened)")
 	fs.IntVar(&o.coverage, "issuer-coverage", ca.DefaultTTLPolicy.Coverage, "refuse to start unless the signing CA stays valid for this many default leaf lifetimes")
+	fs.DurationVar(&o.maintain, "ca-maintain-interval", 10*time.Second, "how often the CA checks whether its intermediate is due for renewal and whether another replica changed the CA journal; failed renewals are retried from 1s, doubling up to 6 times this")
 }
 
 // listenOptions are the network flags shared by `server` and `dev`.
@@ -94,6 +96,7 @@ type stack struct {
 	rotator   *rotation.Rotator // nil for a plugged-in CA
 	admin     *admin.Server
 	adminOpts adminOptions
+	keysRun   func(ctx context.Context) error
 	auditDir  string
 	log       *slog.Logger
 }
@@ -103,6 +106,10 @@ type stackConfig struct {
 	listen      listenOptions
 	keys        ca.KeyStore // used when ca.caDir is empty
 	journalPath string
+	// perReplica gives this process its own in-memory intermediate.
+	perReplica bool
+	// keysRun, when set, keeps the keystore's credentials fresh.
+	keysRun func(ctx context.Context) error
 	authn       identity.Authenticator
 	// sdsRootsOnly makes the central SDS service serve only the trust
 	// bundle, never workload keys.
@@ -165,7 +172,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 			return nil, fmt.Errorf("--key-type: %w", err)
 		}
 		src, err = ca.NewSelfManaged(ca.SelfManagedConfig{
-			TrustDomain: td, Keys: c.keys, JournalPath: c.journalPath, KeyType: kt,
+			TrustDomain: td, Keys: c.keys, JournalPath: c.journalPath, KeyType: kt, PerReplicaIntermediates: c.perReplica,
 			RootTTL: c.ca.rootTTL, IntermediateTTL: c.ca.intermediateTTL, Logger: c.log,
 		})
 	}
@@ -177,6 +184,9 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		TrustDomainAliases: aliases,
 		Source:             src,
 		TTL:                ca.TTLPolicy{Default: c.ca.leafTTL, Max: c.ca.maxLeafTTL, Coverage: c.ca.coverage},
+		MaintainInterval:   c.ca.maintain,
+		RetryMin:           min(time.Second, c.ca.maintain),
+		RetryMax:           6 * c.ca.maintain,
 		Logger:             c.log,
 		Metrics:            reg,
 	})
@@ -215,12 +225,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		}
 		ips = append(ips, ip)
 	}
-	ready := map[string]server.Check{"ca": func() error {
-		if !authority.Ready() {
-			return ca.ErrNotReady
-		}
-		return nil
-	}}
+	ready := map[string]server.Check{"ca": caReadiness(authority)}
 	if r, ok := c.authn.(readier); ok {
 		ready["identity"] = r.Ready
 	}
@@ -241,7 +246,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		return nil, err
 	}
 	st := &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv,
-		ledger: ledger, adminOpts: c.admin, auditDir: c.auditDir, log: c.log}
+		ledger: ledger, adminOpts: c.admin, keysRun: c.keysRun, auditDir: c.auditDir, log: c.log}
 	if err := st.buildAdmin(c); err != nil {
 		return nil, err
 	}
@@ -300,6 +305,16 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 		g.Go(func() error { return s.rotator.Run(ctx) })
 	}
 	g.Go(func() error { return s.authority.Run(ctx) })
+	if s.keysRun != nil {
+		g.Go(func() error {
+			// Losing the keystore's credentials stops renewals, not
+			// issuance: the CA's readiness reports it, and serving goes on.
+			if err := s.keysRun(ctx); err != nil {
+				s.log.Error("the keystore's credentials can no longer be renewed; CA renewals will fail", "err", err)
+			}
+			return nil
+		})
+	}
 	g.Go(func() error { return s.server.Serve(ctx) })
 	g.Go(func() error { return s.secrets.Run(ctx) })
 	g.Go(func() error { return s.ledger.Run(ctx) })
@@ -314,6 +329,28 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 		g.Go(func() error { return writeBundle(ctx, s.authority, bundlePath, s.log) })
 	}
 	return g.Wait()
+}
+
+// caReadiness is the CA's /readyz check: not ready before it can sign or
+// once its signing certificate has expired; degraded (still ready) while
+// renewal keeps failing, with when it started and how long signing can go
+// on.
+func caReadiness(a *ca.Authority) server.Check {
+	return func() error {
+		iss := a.Issuer()
+		if iss == nil {
+			return ca.ErrNotReady
+		}
+		if f := a.Failing(); f != nil {
+			err := fmt.Errorf("renewing the signing intermediate has failed %d times since %s (next try %s); still signing with the current one until %s: %w",
+				f.Attempts, f.Since.UTC().Format(time.RFC3339), f.NextRetry.UTC().Format(time.RFC3339), iss.Cert.NotAfter.UTC().Format(time.RFC3339), f.Err)
+			if !time.Now().Before(iss.Cert.NotAfter) {
+				return err
+			}
+			return server.Degraded(err)
+		}
+		return nil
+	}
 }
 
 // writeBundle keeps bundlePath equal to the CA's trust bundle.

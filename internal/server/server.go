@@ -30,8 +30,20 @@ type Service interface {
 	Register(grpc.ServiceRegistrar)
 }
 
-// Check reports whether one dependency is ready; nil means ready.
+// Check reports whether one dependency is ready; nil means ready. An
+// error made with Degraded is shown but leaves the server ready.
 type Check func() error
+
+// Degraded marks a check's finding as a problem that does not stop the
+// server from doing its job yet (the CA signs on while renewal fails): /readyz
+// shows it and still answers 200, so a replica is not taken out of service
+// for what every replica shares.
+func Degraded(err error) error { return degradedError{err} }
+
+type degradedError struct{ err error }
+
+func (e degradedError) Error() string { return e.err.Error() }
+func (e degradedError) Unwrap() error { return e.err }
 
 // Config configures a Server.
 type Config struct {
@@ -202,7 +214,10 @@ func (s *Server) monitorMux() *http.ServeMux {
 		var b strings.Builder
 		ready := true
 		for _, n := range names {
-			if err := s.cfg.Ready[n](); err != nil {
+			var d degradedError
+			if err := s.cfg.Ready[n](); errors.As(err, &d) {
+				fmt.Fprintf(&b, "[!] %s degraded: %v\n", n, err)
+			} else if err != nil {
 				ready = false
 				fmt.Fprintf(&b, "[-] %s: %v\n", n, err)
 			} else {

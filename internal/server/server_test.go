@@ -67,6 +67,11 @@ func TestReadyzReportsEachCheck(t *testing.T) {
 	if code != http.StatusServiceUnavailable || !strings.Contains(body, "[+] ca ok") || !strings.Contains(body, "[-] vault: still loading") {
 		t.Fatalf("/readyz = %d %q, want 503 naming the failing check", code, body)
 	}
+	ready = server.Degraded(errors.New("renewal failing"))
+	code, body = get(t, "http://"+s.MonitorAddr()+"/readyz")
+	if code != http.StatusOK || !strings.Contains(body, "[!] vault degraded: renewal failing") {
+		t.Fatalf("/readyz = %d %q with a degraded check, want 200 showing it", code, body)
+	}
 	ready = nil
 	if code, body = get(t, "http://"+s.MonitorAddr()+"/readyz"); code != http.StatusOK {
 		t.Fatalf("/readyz = %d %q after the check passed, want 200", code, body)

@@ -2,6 +2,8 @@ package testenv
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -70,4 +72,24 @@ next:
 		}
 	}
 	return sum
+}
+
+// ScrapedValue is MetricValue for a /metrics endpoint at url, as a server
+// under test exposes it.
+func ScrapedValue(t testing.TB, url, name string, labels map[string]string) float64 {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("testenv: scraping %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("testenv: scraping %s: HTTP %d, %v", url, resp.StatusCode, err)
+	}
+	v, err := sumMetric(string(body), name, labels)
+	if err != nil {
+		t.Fatalf("testenv: %s: %v", url, err)
+	}
+	return v
 }

@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/vault/api"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/admin"
+	"github.com/meshca/meshca/internal/rotation"
+	"github.com/meshca/meshca/internal/testenv"
+	"github.com/meshca/meshca/internal/vaulttest"
+	"github.com/meshca/meshca/keystore/vault"
+)
+
+// vaultKeysPolicy is the policy docs/vault.md gives meshca, with the
+// deletion of retired keys.
+const vaultKeysPolicy = `
+path "transit/keys/meshca-*" { capabilities = ["read", "update", "delete"] }
+path "transit/keys/meshca-*/rotate" { capabilities = ["update"] }
+path "transit/keys/meshca-*/config" { capabilities = ["update"] }
+path "transit/sign/meshca-*" { capabilities = ["update"] }
+path "sys/capabilities-self" { capabilities = ["update"] }
+path "auth/token/lookup-self" { capabilities = ["read"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+`
+
+// vaultServerArgs are the flags of a dev-token server whose CA keys live in
+// v, logging in with a token that holds only the documented policy.
+func vaultServerArgs(t *testing.T, v *vaulttest.Vault, dir string, extra ...string) []string {
+	t.Helper()
+	v.WritePolicy(t, "meshca-keys", vaultKeysPolicy)
+	token := v.CreateToken(t, &api.TokenCreateRequest{Policies: []string{"meshca-keys"}, NoDefaultPolicy: true, TTL: "1h"})
+	return append([]string{"--data-dir", dir, "--keystore", "vault", "--vault-addr", v.Addr(), "--vault-ca-file", v.CAFile(),
+		"--vault-auth", "token", "--vault-token-file", writeFile(t, "vault-token", []byte(token)),
+		"--authenticator", "dev", "--dev-token-key", filepath.Join(dir, "dev-token-key.pem"),
+		"--bundle-out", filepath.Join(dir, "bundle.pem")}, extra...)
+}
+
+// vaultSigns is how many signatures the server asked Vault for.
+func vaultSigns(t *testing.T, monitor string) float64 {
+	t.Helper()
+	return testenv.ScrapedValue(t, "http://"+monitor+"/metrics", "meshca_vault_sign_requests_total", nil)
+}
+
+// issueLeaf runs the documented client flow against a server started with
+// vaultServerArgs and returns the SVID's chain and the trust bundle.
+func issueLeaf(t *testing.T, dir, grpcAddr, sa string) ([]*x509.Certificate, []*x509.Certificate) {
+	t.Helper()
+	tokenFile := writeFile(t, sa+".token", []byte(meshcaCmd(t, "dev", "token", "--data-dir", dir, "-n", "shop", "-s", sa)))
+	out := filepath.Join(t.TempDir(), sa)
+	meshcaCmd(t, "cert", "--addr", grpcAddr, "--ca-bundle", filepath.Join(dir, "bundle.pem"), "--token-file", tokenFile, "--out", out)
+	svid, bundle := loadSVID(t, out)
+	return svid.Certificates, bundle.X509Authorities()
+}
+
+// TestServerWithVaultKeystore: the root key is a non-exportable Transit key
+// in a real Vault, this replica's intermediate is signed there, and leaves
+// are signed locally without a single call to Vault.
+func TestServerWithVaultKeystore(t *testing.T) {
+	v := vaulttest.Start(t)
+	dir := t.TempDir()
+	srv := startServerProc(t, vaultServerArgs(t, v, dir)...)
+
+	chain, roots := issueLeaf(t, dir, srv.grpc, "cart")
+	if _, _, err := x509svid.Verify(chain, bundleOf(roots)); err != nil {
+		t.Fatalf("leaf does not verify against the bundle: %v", err)
+	}
+	if len(roots) != 1 || len(chain) != 2 {
+		t.Fatalf("got %d roots and a chain of %d, want 1 and leaf+intermediate", len(roots), len(chain))
+	}
+
+	// The root's public key is the Transit key's: the root was self-signed
+	// in Vault, and its private key is not exportable.
+	j, err := ca.LoadJournal(filepath.Join(dir, "ca-journal.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Current.IntermediateCertPEM != "" {
+		t.Fatal("the per-replica intermediate was written to the journal")
+	}
+	key := v.Read(t, "transit/keys/meshca-"+j.Current.RootKeyID+".ecdsa-p256")
+	if key == nil {
+		t.Fatalf("no Transit key for root %s", j.Current.RootKeyID)
+	}
+	if exp, _ := key.Data["exportable"].(bool); exp {
+		t.Fatal("the root's Transit key is exportable")
+	}
+	keys, _ := key.Data["keys"].(map[string]any)
+	latest, _ := keys["1"].(map[string]any)
+	pubPEM, _ := latest["public_key"].(string)
+	root := roots[0]
+	if got := string(mustPublicKeyPEM(t, root)); strings.TrimSpace(got) != strings.TrimSpace(pubPEM) {
+		t.Fatalf("root public key differs from the Transit key's:\n%s\n%s", got, pubPEM)
+	}
+	if _, err := v.Client().Logical().Read("transit/export/signing-key/meshca-" + j.Current.RootKeyID + ".ecdsa-p256"); err == nil {
+		t.Fatal("Vault exported the root key")
+	}
+
+	// Leaf issuance never calls Vault.
+	before := vaultSigns(t, srv.monitor)
+	for _, sa := range []string{"a", "b", "c", "d", "e"} {
+		issueLeaf(t, dir, srv.grpc, sa)
+	}
+	if after := vaultSigns(t, srv.monitor); after != before {
+		t.Fatalf("issuing 5 leaves made %v Transit signatures, want 0", after-before)
+	}
+
+	// A root rotation's new root is made in Vault as well.
+	sock := filepath.Join(dir, "admin", "admin.sock")
+	var st rotation.Status
+	if err := admin.NewUnixClient(sock).Do(context.Background(), http.MethodPost, "/v1/roots/prepare", admin.StepRequest{}, &st); err != nil {
+		t.Fatal(err)
+	}
+	j, err = ca.LoadJournal(filepath.Join(dir, "ca-journal.json"))
+	if err != nil || j.Next == nil {
+		t.Fatalf("journal after prepare: next %v, err %v", j.Next, err)
+	}
+	if v.Read(t, "transit/keys/meshca-"+j.Next.RootKeyID+".ecdsa-p256") == nil {
+		t.Fatal("the prepared root's key is not in Vault")
+	}
+}
+
+// TestServerVaultStartupErrors: a Vault meshca cannot use stops start-up
+// with an error that names the cause.
+func TestServerVaultStartupErrors(t *testing.T) {
+	v := vaulttest.Start(t)
+	dir := t.TempDir()
+	base := func(extra ...string) []string { return vaultServerArgs(t, v, dir, extra...) }
+	closed := freeAddr(t)
+
+	for _, c := range []struct {
+		name string
+		args []string
+		want error
+		hint string
+	}{
+		{"unreachable", base("--vault-addr", "https://"+closed, "--vault-check-timeout", "5s"), vault.ErrUnreachable, "--vault-addr"},
+		// The root token: a policy scoped to one mount is denied the other
+		// before Vault could say that it is missing.
+		{"mount missing", base("--vault-mount", "no-such-transit",
+			"--vault-token-file", writeFile(t, "root-token", []byte(v.RootToken()))), vault.ErrMountMissing, "vault secrets enable"},
+		{"policy too narrow", base("--vault-mount", "no-such-transit"), vault.ErrPermissionDenied, "docs/vault.md"},
+		{"login refused", base("--vault-token-file", writeFile(t, "bad-token", []byte("hvs.not-a-token"))), vault.ErrLoginRefused, "refused meshca's credentials"},
+		{"approle refused", base("--vault-auth", "approle", "--vault-approle-role-id", "nope",
+			"--vault-approle-secret-id-file", writeFile(t, "secret-id", []byte("nope"))), vault.ErrLoginRefused, "--vault-auth"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := serverError(t, c.args...)
+			if !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.hint) {
+				t.Fatalf("err = %v\nwant %v with a hint naming %q", err, c.want, c.hint)
+			}
+		})
+	}
+	// Sealing is for good on a dev server, so it comes last.
+	sealedArgs := base()
+	v.Seal(t)
+	t.Run("sealed", func(t *testing.T) {
+		err := serverError(t, sealedArgs...)
+		if !errors.Is(err, vault.ErrSealed) || !strings.Contains(err.Error(), "unseal") {
+			t.Fatalf("err = %v, want ErrSealed with a hint to unseal", err)
+		}
+	})
+	if _, err := os.Stat(filepath.Join(dir, "ca-journal.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a refused start-up wrote a journal (%v)", err)
+	}
+}
+
+func bundleOf(roots []*x509.Certificate) *x509bundle.Bundle {
+	return x509bundle.FromX509Authorities(spiffeid.RequireTrustDomainFromString("cluster.local"), roots)
+}
+
+func mustPublicKeyPEM(t *testing.T, c *x509.Certificate) []byte {
+	t.Helper()
+	der, err := x509.MarshalPKIXPublicKey(c.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+}
