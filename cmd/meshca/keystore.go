@@ -32,10 +32,10 @@ type keystoreOptions struct {
 // vaultOptions are the flags of the vault keystore; they map one to one
 // onto vault.Config.
 type vaultOptions struct {
-	addr, mount, keyPrefix, namespace string
-	caFile, serverName                string
-	auth                              string
-	tokenFile                         string
+	addr, mount, keyPrefix, namespace  string
+	caFile, serverName                 string
+	auth                               string
+	tokenFile                          string
 	appRoleMount, roleID, secretIDFile string
 	kubeMount, kubeRole, kubeTokenFile string
 	timeout, checkTimeout              time.Duration

@@ -17,19 +17,19 @@ import (
 )
 
 type serverOptions struct {
-	ca             caOptions
-	listen         listenOptions
-	dataDir        string
-	keys           keystoreOptions
-	authenticator  string
-	kube           kubeOptions
-	devTokenKey    string
-	bundleOut      string
-	sdsRootsOnly   bool
-	auditDir       string
-	auditStdout    bool
-	auditDelay     time.Duration
-	admin          adminOptions
+	ca            caOptions
+	listen        listenOptions
+	dataDir       string
+	keys          keystoreOptions
+	authenticator string
+	kube          kubeOptions
+	devTokenKey   string
+	bundleOut     string
+	sdsRootsOnly  bool
+	auditDir      string
+	auditStdout   bool
+	auditDelay    time.Duration
+	admin         adminOptions
 }
 
 func newServerCommand(g *globalOptions) *cobra.Command {

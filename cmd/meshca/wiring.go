@@ -110,7 +110,7 @@ type stackConfig struct {
 	perReplica bool
 	// keysRun, when set, keeps the keystore's credentials fresh.
 	keysRun func(ctx context.Context) error
-	authn       identity.Authenticator
+	authn   identity.Authenticator
 	// sdsRootsOnly makes the central SDS service serve only the trust
 	// bundle, never workload keys.
 	sdsRootsOnly bool
