@@ -1,6 +1,10 @@
 package sds
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"maps"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 type metrics struct {
 	streams *prometheus.GaugeVec
@@ -54,27 +58,37 @@ var (
 		[]string{"fingerprint"}, nil)
 	rootWatchingDesc = prometheus.NewDesc("meshca_sds_root_watching_streams",
 		"Streams subscribed to ROOTCA: the denominator of meshca_sds_root_acked_streams.", nil, nil)
+	policyAckedDesc = prometheus.NewDesc("meshca_sds_policy_acked_streams",
+		"Streams (node agents) whose last ACKed mTLS policy has this version.",
+		[]string{"version"}, nil)
+	policyWatchingDesc = prometheus.NewDesc("meshca_sds_policy_watching_streams",
+		"Streams subscribed to the mTLS policy: the denominator of meshca_sds_policy_acked_streams.", nil, nil)
 )
 
-// rootCollector reads the ACK accounting at scrape time, so an ACK costs a
-// map update rather than a gauge per fingerprint to keep in step.
+// rootCollector reads the ACK accounting of the bundle and the policy at
+// scrape time, so an ACK costs a map update rather than a gauge per
+// fingerprint or version to keep in step.
 type rootCollector struct{ s *Server }
 
 func (c *rootCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- rootAckedDesc
 	ch <- rootWatchingDesc
+	ch <- policyAckedDesc
+	ch <- policyWatchingDesc
 }
 
 func (c *rootCollector) Collect(ch chan<- prometheus.Metric) {
 	c.s.mu.Lock()
-	acked := make(map[string]int, len(c.s.rootAcks))
-	for fp, n := range c.s.rootAcks {
-		acked[fp] = n
-	}
-	watching := c.s.rootWatchers
+	roots := maps.Clone(c.s.rootAcks)
+	policies := maps.Clone(c.s.policyAcks)
+	rootWatchers, policyWatchers := c.s.rootWatchers, c.s.policyWatchers
 	c.s.mu.Unlock()
-	for fp, n := range acked {
+	for fp, n := range roots {
 		ch <- prometheus.MustNewConstMetric(rootAckedDesc, prometheus.GaugeValue, float64(n), fp)
 	}
-	ch <- prometheus.MustNewConstMetric(rootWatchingDesc, prometheus.GaugeValue, float64(watching))
+	ch <- prometheus.MustNewConstMetric(rootWatchingDesc, prometheus.GaugeValue, float64(rootWatchers))
+	for v, n := range policies {
+		ch <- prometheus.MustNewConstMetric(policyAckedDesc, prometheus.GaugeValue, float64(n), v)
+	}
+	ch <- prometheus.MustNewConstMetric(policyWatchingDesc, prometheus.GaugeValue, float64(policyWatchers))
 }

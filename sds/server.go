@@ -53,10 +53,12 @@ type Server struct {
 	nonces  atomic.Uint64
 
 	// mu guards the accounting below. Lock order: stream.mu, then mu.
-	mu           sync.Mutex
-	streams      map[*stream]struct{}
-	rootAcks     map[string]int // root fingerprint → streams whose ACKed ROOTCA holds it
-	rootWatchers int            // streams subscribed to ROOTCA
+	mu             sync.Mutex
+	streams        map[*stream]struct{}
+	rootAcks       map[string]int // root fingerprint → streams whose ACKed ROOTCA holds it
+	rootWatchers   int            // streams subscribed to ROOTCA
+	policyAcks     map[string]int // policy version → streams that ACKed it
+	policyWatchers int            // streams subscribed to the policy
 	// ackChanged is closed at the next change of the accounting; nil until
 	// someone asks for it, so ACKs cost nothing extra when nobody waits.
 	ackChanged chan struct{}
@@ -78,13 +80,14 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{
-		src:      cfg.Source,
-		auth:     cfg.Authenticate,
-		clock:    cfg.Clock,
-		log:      cfg.Logger,
-		pusher:   newPusher(),
-		streams:  make(map[*stream]struct{}),
-		rootAcks: make(map[string]int),
+		src:        cfg.Source,
+		auth:       cfg.Authenticate,
+		clock:      cfg.Clock,
+		log:        cfg.Logger,
+		pusher:     newPusher(),
+		streams:    make(map[*stream]struct{}),
+		rootAcks:   make(map[string]int),
+		policyAcks: make(map[string]int),
 	}
 	s.metrics = newMetrics(cfg.Metrics, s)
 	return s, nil
@@ -152,14 +155,14 @@ func (s *Server) FetchSecrets(ctx context.Context, req *discoveryv3.DiscoveryReq
 		return nil, s.refuse(ctx, p, err)
 	}
 	changed := make(chan struct{}, 1)
-	w, err := s.src.Watch(ctx, p, Want{Cert: want[kindCert], Roots: want[kindRoots]}, func() {
+	w, err := s.src.Watch(ctx, p, wantOf(want), func() {
 		select {
 		case changed <- struct{}{}:
 		default:
 		}
 	})
 	if err != nil {
-		return nil, s.refuse(ctx, p, &sourceError{err: err})
+		return nil, s.refuse(ctx, p, watchError(err))
 	}
 	defer w.Close()
 	for {
@@ -213,6 +216,15 @@ func (s *Server) Acked(fp string) (acked, connected int) {
 	return s.rootAcks[fp], s.rootWatchers
 }
 
+// PolicyAcked reports how many connected streams have ACKed the policy at
+// version (PolicyVersion), out of how many are subscribed to it: how many
+// node agents enforce that policy.
+func (s *Server) PolicyAcked(version string) (acked, watching int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.policyAcks[version], s.policyWatchers
+}
+
 // AckChanged returns a channel that is closed at the next ACK, NACK,
 // change of subscription or end of a stream: what Acked and Status report
 // may have changed. Take it before reading them, so no change is missed.
@@ -249,6 +261,10 @@ type StreamStatus struct {
 	// proxy rejected the response that carried it (LastNACK says why) and
 	// no other ROOTCA was sent since. The proxy keeps AckedRoots.
 	RejectedRoots []string
+	// Rejected maps each resource whose last version sent the proxy
+	// rejected, with no newer one sent since, to that version; nil when
+	// there is none. The proxy keeps the version in Acked.
+	Rejected map[string]string
 	// LastNACK is the error of the proxy's last rejection, if any.
 	LastNACK string
 }
@@ -277,8 +293,18 @@ func (s *Server) Status() []StreamStatus {
 		if r := st.subs[kindRoots].acked; r != nil {
 			ss.AckedRoots = append([]string(nil), r.roots...)
 		}
-		if r := st.rejected(kindRoots); r != nil {
-			ss.RejectedRoots = append([]string(nil), r.roots...)
+		for k := range st.subs {
+			r := st.rejected(kind(k))
+			if r == nil {
+				continue
+			}
+			if ss.Rejected == nil {
+				ss.Rejected = make(map[string]string)
+			}
+			ss.Rejected[names[k]] = r.version
+			if kind(k) == kindRoots {
+				ss.RejectedRoots = append([]string(nil), r.roots...)
+			}
 		}
 		st.mu.Unlock()
 		out = append(out, ss)
@@ -332,9 +358,30 @@ func (s *Server) moveRootAcks(old, next []string) {
 	}
 }
 
-func (s *Server) watchingRoots(delta int) {
+// movePolicyAck moves a stream's ACKed policy from version old to next
+// ("" for none).
+func (s *Server) movePolicyAck(old, next string) {
 	s.mu.Lock()
-	s.rootWatchers += delta
+	defer s.mu.Unlock()
+	if old != "" {
+		if s.policyAcks[old]--; s.policyAcks[old] <= 0 {
+			delete(s.policyAcks, old)
+		}
+	}
+	if next != "" {
+		s.policyAcks[next]++
+	}
+}
+
+// watching counts streams subscribing to (delta 1) or leaving (-1) k.
+func (s *Server) watching(k kind, delta int) {
+	s.mu.Lock()
+	switch k {
+	case kindRoots:
+		s.rootWatchers += delta
+	case kindPolicy:
+		s.policyWatchers += delta
+	}
 	s.mu.Unlock()
 }
 
@@ -375,10 +422,26 @@ func (e *authError) Unwrap() error    { return e.err }
 func (e *sourceError) Error() string  { return "sds: source: " + e.err.Error() }
 func (e *sourceError) Unwrap() error  { return e.err }
 
-var errWildcard = &requestError{msg: `a request must name the secrets it wants ("default", "ROOTCA"): wildcard subscriptions are not served`}
+var errWildcard = &requestError{msg: `a request must name the secrets it wants ("default", "ROOTCA", "meshca-mtls-policy"): wildcard subscriptions are not served`}
 
 func unknownResource(name string) error {
-	return &requestError{msg: fmt.Sprintf(`unknown resource %q: this server serves "default" and "ROOTCA"`, name)}
+	return &requestError{msg: fmt.Sprintf(`unknown resource %q: this server serves "default", "ROOTCA" and "meshca-mtls-policy"`, name)}
+}
+
+// errNoPolicy answers a subscription to the policy on a server that has
+// none: the name is unknown here, as on a server that predates it.
+var errNoPolicy = &requestError{msg: fmt.Sprintf(`unknown resource %q: this server has no mTLS policy to serve`, PolicyName)}
+
+// watchError classifies an error from Source.Watch.
+func watchError(err error) error {
+	if errors.Is(err, ErrNoPolicy) {
+		return errNoPolicy
+	}
+	return &sourceError{err: err}
+}
+
+func wantOf(w [numKinds]bool) Want {
+	return Want{Cert: w[kindCert], Roots: w[kindRoots], Policy: w[kindPolicy]}
 }
 
 func checkTypeURL(u string) error {

@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshca/meshca/internal/policy"
 )
 
 // Peer is a connected proxy.
@@ -23,11 +26,18 @@ type Peer struct {
 	Addr string
 }
 
-// Want says which secrets a stream asked for, so a source that signs per
-// proxy signs only for streams that asked for "default".
+// Want says which resources a stream asked for, so a source that signs per
+// proxy signs only for streams that asked for "default", and follows the
+// policy only for those that asked for it.
 type Want struct {
-	Cert, Roots bool
+	Cert, Roots, Policy bool
 }
+
+// ErrNoPolicy is what a Source's Watch returns (wrapped) when asked for the
+// policy it has none of: the server then answers as for an unknown
+// resource name, as a server without the policy resource does, so a node
+// agent can tell "none configured" from "not yet".
+var ErrNoPolicy = errors.New("sds: no mTLS policy is served")
 
 // Snapshot is what one proxy is served. It is immutable once handed over.
 type Snapshot struct {
@@ -39,6 +49,10 @@ type Snapshot struct {
 	Key   crypto.Signer
 	// Roots is the trust bundle. Empty means "ROOTCA" is not served.
 	Roots []*x509.Certificate
+	// Policy is the mesh-wide mTLS policy. Nil means PolicyName is not
+	// served (yet). Sources that serve many watchers should share one
+	// pointer: the encoding is found by it.
+	Policy *policy.Policy
 }
 
 // Source supplies each proxy's secrets.
@@ -77,6 +91,11 @@ func (b *Broadcaster) Set(s Snapshot) error {
 	}
 	s.Chain = append([]*x509.Certificate(nil), s.Chain...)
 	s.Roots = append([]*x509.Certificate(nil), s.Roots...)
+	if s.Policy != nil {
+		// A normalized copy: the caller may change its own.
+		p, _ := s.Policy.Normalize() // validate checked it
+		s.Policy = &p
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.snap.Store(&s)
@@ -120,6 +139,11 @@ func (w *broadcastWatcher) Close() {
 // validate refuses a snapshot the server could not encode, so the mistake
 // surfaces where it is made rather than on every stream.
 func (s *Snapshot) validate() error {
+	if s.Policy != nil {
+		if err := s.Policy.Validate(); err != nil {
+			return fmt.Errorf("sds: %w", err)
+		}
+	}
 	for _, c := range s.Roots {
 		if c == nil {
 			return fmt.Errorf("sds: nil root certificate")

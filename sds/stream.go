@@ -30,7 +30,6 @@ func (p protocol) String() string {
 
 // sub is one resource on one stream.
 type sub struct {
-	subscribed bool
 	// sent is the last version sent, whether ACKed, NACKed or awaiting an
 	// answer: the server sends a version once per stream.
 	sent *resource
@@ -39,7 +38,8 @@ type sub struct {
 	// claimed is the version the proxy said it already had when the
 	// stream opened (version_info, initial_resource_versions); it counts as
 	// ACKed if it is the current one.
-	claimed string
+	claimed    string
+	subscribed bool
 	// force sends the resource even at a version already sent: a delta
 	// proxy that subscribes must get the resource (it may have dropped it).
 	force bool
@@ -200,9 +200,7 @@ func (st *stream) subscribe(k kind, on, resend bool) {
 	s := &st.subs[k]
 	if on {
 		if !s.subscribed {
-			if k == kindRoots {
-				st.srv.watchingRoots(1)
-			}
+			st.srv.watching(k, 1)
 			st.srv.noteChange()
 		}
 		s.subscribed = true
@@ -215,15 +213,17 @@ func (st *stream) subscribe(k kind, on, resend bool) {
 	// The proxy drops what it had; it no longer counts.
 	st.setAcked(k, nil)
 	*s = sub{}
-	if k == kindRoots {
-		st.srv.watchingRoots(-1)
-	}
+	st.srv.watching(k, -1)
 	st.srv.noteChange()
 }
 
 func (st *stream) setAcked(k kind, r *resource) {
 	s := &st.subs[k]
-	if k == kindRoots && s.acked != r {
+	if s.acked == r {
+		return
+	}
+	switch k {
+	case kindRoots:
 		var old, next []string
 		if s.acked != nil {
 			old = s.acked.roots
@@ -232,6 +232,15 @@ func (st *stream) setAcked(k kind, r *resource) {
 			next = r.roots
 		}
 		st.srv.moveRootAcks(old, next)
+	case kindPolicy:
+		var old, next string
+		if s.acked != nil {
+			old = s.acked.version
+		}
+		if r != nil {
+			next = r.version
+		}
+		st.srv.movePolicyAck(old, next)
 	}
 	s.acked = r
 }
@@ -287,15 +296,16 @@ func (st *stream) rejected(k kind) *resource {
 // grows: a proxy that drops a secret rarely stays without it.
 func (st *stream) watch() error {
 	want := Want{
-		Cert:  st.want.Cert || st.subs[kindCert].subscribed,
-		Roots: st.want.Roots || st.subs[kindRoots].subscribed,
+		Cert:   st.want.Cert || st.subs[kindCert].subscribed,
+		Roots:  st.want.Roots || st.subs[kindRoots].subscribed,
+		Policy: st.want.Policy || st.subs[kindPolicy].subscribed,
 	}
 	if st.watcher != nil && want == st.want {
 		return nil
 	}
 	w, err := st.srv.src.Watch(st.ctx, st.peer, want, st.notify)
 	if err != nil {
-		return &sourceError{err: err}
+		return watchError(err)
 	}
 	if st.watcher != nil {
 		st.watcher.Close()
@@ -355,6 +365,20 @@ func (st *stream) push() error {
 		}
 		out[k] = cur
 		n++
+	}
+	// The policy goes out in a response of its own: an ACK or NACK answers
+	// a whole response, and a proxy's verdict on the policy must not be
+	// taken for its verdict on the secrets (a rejected policy would hold up
+	// a root rotation's count), nor the other way round. It follows once
+	// the proxy has answered the secrets.
+	if out[kindPolicy] != nil || removed[kindPolicy] {
+		for k := range numKinds {
+			if k.isSecret() && (out[k] != nil || removed[k]) {
+				out[kindPolicy], removed[kindPolicy] = nil, false
+				n--
+				break
+			}
+		}
 	}
 	if n == 0 {
 		return nil

@@ -75,8 +75,8 @@ func TestRefusesBadRequests(t *testing.T) {
 	ag := newAgent(t)
 	rpc := secretv3.NewSecretDiscoveryServiceClient(ag.conn)
 	const (
-		unknown  = `unknown resource "bogus": this server serves "default" and "ROOTCA"`
-		wildcard = `a request must name the secrets it wants ("default", "ROOTCA"): wildcard subscriptions are not served`
+		unknown  = `unknown resource "bogus": this server serves "default", "ROOTCA" and "meshca-mtls-policy"`
+		wildcard = `a request must name the secrets it wants ("default", "ROOTCA", "meshca-mtls-policy"): wildcard subscriptions are not served`
 		cluster  = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 		typeMsg  = `unsupported type URL "` + cluster + `": this server serves only ` + sds.TypeURL
 	)

@@ -7,6 +7,12 @@
 // In central mode the workload's private key crosses the network (inside
 // the SDS stream's TLS); the node agent, which generates the key next to
 // the proxy, avoids that and is the recommended deployment.
+//
+// With Config.Policy set, it also serves the mesh-wide mTLS policy
+// (sds.PolicyName) to the streams that ask for it, node agents, and pushes
+// every change. Without, such streams are told the name is unknown
+// (sds.ErrNoPolicy): a node agent then knows that no policy will come,
+// rather than waiting for one.
 package casource
 
 import (
@@ -26,6 +32,7 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/internal/audit"
+	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/sds"
 )
@@ -37,9 +44,32 @@ type Authority interface {
 	SignKey(ctx context.Context, pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) (*ca.Issued, error)
 }
 
+// PolicySource is the mesh-wide mTLS policy, live; policy.Store and
+// *policy.Live are ones.
+type PolicySource interface {
+	// Current returns the policy in force, normalized.
+	Current() (policy.Policy, policy.Revision)
+	// Changed returns a channel closed at the next change of Current.
+	Changed() <-chan struct{}
+}
+
+// syncer is a PolicySource that may not have read the stored policy yet,
+// as the stores (policy.Store) and *policy.Live: until it has, it holds
+// policy.Default, mTLS off, which nobody chose. Such a source's policy is
+// not served before it is synced; agents wait for it.
+type syncer interface {
+	Synced() bool
+	WaitForSync(ctx context.Context) error
+}
+
 // Config configures a Source.
 type Config struct {
 	Authority Authority
+	// Policy, when set, is served as sds.PolicyName and followed by Run,
+	// once it has read the stored policy if it says when (Synced and
+	// WaitForSync, as policy.Store). Nil serves no policy: streams asking
+	// for it are refused with sds.ErrNoPolicy.
+	Policy PolicySource
 	// TTL of the certificates it issues; zero means the CA's default.
 	TTL time.Duration
 	// KeyType of the keys it generates (default ecdsa-p256).
@@ -75,8 +105,15 @@ type Ledger interface {
 type Source struct {
 	cfg Config
 
+	// polMu serializes reads of the policy source, so watchers are told of
+	// policies in the order they were read.
+	polMu sync.Mutex
+
 	mu       sync.Mutex
 	watchers map[*watcher]struct{}
+	// policy is the policy served, shared by every watcher's snapshot so
+	// the server encodes it once; nil until first read.
+	policy *policy.Policy
 }
 
 var _ sds.Source = (*Source)(nil)
@@ -114,13 +151,40 @@ func New(cfg Config) (*Source, error) {
 // the new bundle, and a certificate whose root has left the bundle is
 // replaced at once. A new intermediate alone replaces nothing: the old one
 // stays valid for the leaves it signed, and re-signing every proxy at each
-// intermediate renewal would be a self-inflicted thundering herd.
+// intermediate renewal would be a self-inflicted thundering herd. It
+// follows the policy too, when there is one: each change goes to every
+// watcher that asked for it.
 func (s *Source) Run(ctx context.Context) error {
+	// A store's first read need not change its policy (nothing stored is
+	// Default), so Changed may not say it synced: WaitForSync does.
+	var synced chan struct{}
+	if sy, ok := s.cfg.Policy.(syncer); ok && !sy.Synced() {
+		synced = make(chan struct{})
+		done := make(chan struct{})
+		defer func() { <-done }()
+		go func() {
+			defer close(done)
+			if sy.WaitForSync(ctx) == nil {
+				close(synced)
+			}
+		}()
+	}
 	for {
 		changed := s.cfg.Authority.Changed()
+		var policyChanged <-chan struct{}
+		if s.cfg.Policy != nil {
+			// The channel before the read, so no change falls between.
+			policyChanged = s.cfg.Policy.Changed()
+			s.refreshPolicy()
+		}
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-synced:
+			synced = nil
+			continue // read at the top of the loop
+		case <-policyChanged:
+			continue
 		case <-changed:
 		}
 		iss := s.cfg.Authority.Issuer()
@@ -139,18 +203,28 @@ func (s *Source) Run(ctx context.Context) error {
 // Watch implements sds.Source. A proxy that asks for its certificate must
 // have been authenticated: the certificate is for p.ID.
 func (s *Source) Watch(_ context.Context, p sds.Peer, want sds.Want, changed func()) (sds.Watcher, error) {
+	if want.Policy && s.cfg.Policy == nil {
+		return nil, fmt.Errorf("casource: %w", sds.ErrNoPolicy)
+	}
 	if want.Cert && s.cfg.RootsOnly {
 		return nil, fmt.Errorf("casource: this server serves only %q over SDS; run the node agent for %q", sds.RootsName, sds.CertName)
 	}
 	if want.Cert && p.ID.IsZero() {
 		return nil, fmt.Errorf("casource: a certificate is only served to an authenticated proxy")
 	}
-	w := &watcher{s: s, id: p.ID, peer: p.Addr, cert: want.Cert, changed: changed}
+	w := &watcher{s: s, id: p.ID, peer: p.Addr, cert: want.Cert, wantPolicy: want.Policy, changed: changed}
 	iss := s.cfg.Authority.Issuer()
 	if iss == nil {
 		return nil, ca.ErrNotReady
 	}
-	w.snap = &sds.Snapshot{Roots: iss.Roots}
+	if want.Policy {
+		// Read here if Run has not yet, so the first response has it.
+		s.refreshPolicy()
+		s.mu.Lock()
+		w.policy = s.policy
+		s.mu.Unlock()
+	}
+	w.snap = &sds.Snapshot{Roots: iss.Roots, Policy: w.policy}
 	if want.Cert {
 		// The first certificate is signed here, so a proxy's first response
 		// carries it; later ones come from the timer.
@@ -161,18 +235,60 @@ func (s *Source) Watch(_ context.Context, p sds.Peer, want sds.Want, changed fun
 	}
 	s.mu.Lock()
 	s.watchers[w] = struct{}{}
+	// A policy read since the one above has not reached w.
+	stale := want.Policy && s.policy != w.policy
+	cur := s.policy
 	s.mu.Unlock()
+	if stale {
+		w.policyChanged(cur)
+	}
 	return w, nil
 }
 
+// refreshPolicy reads the policy and, when it changed, hands it to every
+// watcher that asked for it. A policy that does not validate is not served
+// (the stores hand out only valid ones; this guards other sources).
+func (s *Source) refreshPolicy() {
+	s.polMu.Lock()
+	defer s.polMu.Unlock()
+	if sy, ok := s.cfg.Policy.(syncer); ok && !sy.Synced() {
+		return
+	}
+	cur, _ := s.cfg.Policy.Current()
+	p, err := cur.Normalize()
+	if err != nil {
+		s.cfg.Logger.Error("mTLS policy not served; keeping the previous one", "err", err)
+		return
+	}
+	s.mu.Lock()
+	if s.policy != nil && s.policy.Equal(p) {
+		s.mu.Unlock()
+		return
+	}
+	s.policy = &p
+	ws := make([]*watcher, 0, len(s.watchers))
+	for w := range s.watchers {
+		if w.wantPolicy {
+			ws = append(ws, w)
+		}
+	}
+	s.mu.Unlock()
+	s.cfg.Logger.Info("serving a new mTLS policy", "policy", p.String(), "watchers", len(ws))
+	for _, w := range ws {
+		w.policyChanged(&p)
+	}
+}
+
 type watcher struct {
-	s       *Source
-	id      spiffeid.ID
-	peer    string
-	cert    bool
-	changed func()
+	s          *Source
+	id         spiffeid.ID
+	peer       string
+	cert       bool
+	wantPolicy bool
+	changed    func()
 
 	mu     sync.Mutex
+	policy *policy.Policy // in snap; kept across renewals
 	snap   *sds.Snapshot
 	root   *x509.Certificate // that snap's leaf chains to
 	timer  clockwork.Timer
@@ -221,7 +337,7 @@ func (w *watcher) renew() error {
 		return fmt.Errorf("casource: signing for %s: %w", w.id, err)
 	}
 	leaf := issued.Leaf()
-	w.snap = &sds.Snapshot{Chain: issued.Chain, Key: key, Roots: issued.Roots}
+	w.snap = &sds.Snapshot{Chain: issued.Chain, Key: key, Roots: issued.Roots, Policy: w.policy}
 	w.root = issued.Root
 	w.schedule(ca.RenewalPoint(leaf.NotBefore, leaf.NotAfter, clock.Now(), w.s.cfg.RenewAt))
 	w.due = w.at
@@ -260,6 +376,21 @@ func (w *watcher) schedule(at time.Time) {
 			w.changed()
 		}
 	})
+}
+
+// policyChanged serves p from now on.
+func (w *watcher) policyChanged(p *policy.Policy) {
+	w.mu.Lock()
+	if w.closed || w.policy == p {
+		w.mu.Unlock()
+		return
+	}
+	w.policy = p
+	next := *w.snap
+	next.Policy = p
+	w.snap = &next
+	w.mu.Unlock()
+	w.changed()
 }
 
 // issuerChanged updates the bundle and replaces a certificate whose root

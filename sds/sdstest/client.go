@@ -5,7 +5,9 @@
 // connection, sends its node and resource names on the first request of
 // each stream, ACKs a response by echoing its version_info (state of the
 // world) and nonce, NACKs with error_detail when a secret does not decode,
-// when its key does not match its chain, or when the Reject hook says so,
+// when its key does not match its chain, when the mTLS policy
+// ("meshca-mtls-policy", which node agents ask for) does not parse, or when
+// the Reject hook says so,
 // keeping what it had; and on a new stream resubscribes, naming what it
 // has: the last ACKed version_info (state of the world) or
 // initial_resource_versions (delta).
@@ -46,10 +48,15 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshca/meshca/internal/policy"
 )
 
 // TypeURL is the type of SDS resources.
 const TypeURL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+// PolicyName is the name of the mTLS policy resource (sds.PolicyName).
+const PolicyName = "meshca-mtls-policy"
 
 // Config configures a Client.
 type Config struct {
@@ -354,6 +361,11 @@ func (c *Client) decode(a *anypb.Any) (*tlsv3.Secret, [32]byte, error) {
 			return nil, digest, fmt.Errorf("secret %q: no certificates in trusted_ca", sec.GetName())
 		}
 	}
+	if sec.GetName() == PolicyName {
+		if _, err := parsePolicy(sec); err != nil {
+			return nil, digest, err
+		}
+	}
 	if c.cfg.Reject != nil {
 		if err := c.cfg.Reject(sec); err != nil {
 			return nil, digest, err
@@ -473,6 +485,28 @@ func secretVersions(s State) map[string]string {
 		m[n] = sec.Version
 	}
 	return m
+}
+
+// Policy returns the mTLS policy held, if any.
+func (s State) Policy() (policy.Policy, bool) {
+	sec, ok := s.Secrets[PolicyName]
+	if !ok {
+		return policy.Policy{}, false
+	}
+	p, err := parsePolicy(sec.Secret)
+	return p, err == nil // decode checked it
+}
+
+func parsePolicy(sec *tlsv3.Secret) (policy.Policy, error) {
+	g := sec.GetGenericSecret()
+	if g == nil {
+		return policy.Policy{}, fmt.Errorf("secret %q is not a generic secret", sec.GetName())
+	}
+	p, err := policy.ParseJSON(g.GetSecret().GetInlineBytes())
+	if err != nil {
+		return policy.Policy{}, fmt.Errorf("secret %q: %w", sec.GetName(), err)
+	}
+	return p, nil
 }
 
 // Has reports whether the state holds every named secret.
