@@ -1,0 +1,23 @@
+// Package kubestate keeps meshca server state that all replicas share in
+// Kubernetes objects. SecretJournal holds the CA journal in a Secret, as
+// ca.JournalStore.
+//
+// The journal's revision is the Secret's resourceVersion, so Save is a
+// compare-and-swap the API server enforces: a create when nothing is
+// stored, an update conditional on the version read otherwise. Of two
+// replicas saving from the same revision exactly one wins; the other gets
+// ca.ErrJournalConflict and stores nothing.
+//
+// RBAC: get, create and update on Secrets in the namespace, nothing else.
+// get and update can be scoped to the one Secret with resourceNames; create
+// cannot, since RBAC does not match a create against a name. To grant no
+// create, ship the Secret (empty, or without the journal's key) with the
+// installation: Save then only updates it.
+//
+// Followers notice a new journal by polling Load: one GET of one small
+// object, so every few seconds per replica costs the API server next to
+// nothing, and the journal changes only when a root or intermediate
+// rotates. A watch would need list and watch as well, and a long-lived
+// connection per replica, to save a delay of seconds on an event that
+// comes every few hours at most.
+package kubestate
