@@ -117,14 +117,3 @@ func (v *Vault) KubernetesRole(t testing.TB, mount, role string, params map[stri
 	t.Helper()
 	v.Write(t, "auth/"+mount+"/role/"+role, params)
 }
-
-// Seal seals Vault. A development Vault cannot be unsealed by these
-// helpers, so this is the end of its useful life.
-func (v *Vault) Seal(t testing.TB) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
-	defer cancel()
-	if err := v.client.Sys().SealWithContext(ctx); err != nil {
-		t.Fatalf("vaulttest: sealing: %v", err)
-	}
-}

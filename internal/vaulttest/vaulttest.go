@@ -6,6 +6,12 @@
 // from a CA it generates, on a free loopback port, healthy in well under a
 // second. It is stopped when the test ends.
 //
+// Options.Persistent runs `vault server -config` on file storage in the
+// test's temporary directory instead, initialised with a single unseal key
+// that the fixture keeps: Stop and Restart then model an outage that Vault
+// survives with its keys, tokens and policies, on the same address and
+// certificate, as a real deployment's clients see it.
+//
 // The binary is built from the version pinned in tools/vault by
 // hack/vault.sh and cached outside the repository; `make test` builds it
 // first and exports MESHCA_VAULT_BIN_DIR. Without that variable Start asks
@@ -63,17 +69,27 @@ type Options struct {
 	// TransitMount is where Start enables the Transit secrets engine;
 	// default "transit".
 	TransitMount string
+	// Persistent keeps Vault's data on disk, so that Restart brings it
+	// back after Stop. Start then initialises Vault itself, so the root
+	// token is Vault's own rather than a chosen one, and nothing but
+	// Transit is mounted (a development Vault also has kv-v2 at secret/).
+	Persistent bool
 }
 
-// Vault is a running development Vault owned by one test.
+// Vault is a running Vault owned by one test.
 type Vault struct {
-	addr    string
-	token   string
-	dir     string
-	caFile  string
-	logPath string
-	proc    *fixture.Process
-	client  *api.Client
+	addr       string // https://127.0.0.1:<port>, the same across restarts
+	hostport   string
+	port       int
+	token      string
+	unsealKey  string // from sys/init, or from a development Vault's log on first Unseal
+	persistent bool
+	bin        string
+	dir        string
+	caFile     string
+	logPath    string
+	proc       *fixture.Process // the current run
+	client     *api.Client
 }
 
 // Start starts a Vault as Options{} would.
@@ -82,21 +98,18 @@ func Start(t testing.TB) *Vault {
 	return StartWith(t, Options{})
 }
 
-// StartWith starts a development Vault with a random root token, waits
-// until it is healthy, enables Transit and stops Vault when the test ends.
-// It fails the test if the binary is missing or Vault does not come up,
-// printing the end of its log.
+// StartWith starts a Vault as opts says, waits until it is healthy
+// (initialised, unsealed and active), enables Transit and stops Vault when
+// the test ends. A development Vault gets a random root token. It fails the
+// test if the binary is missing or Vault does not come up, printing the end
+// of its log.
 func StartWith(t testing.TB, opts Options) *Vault {
 	t.Helper()
 	dir, err := binDir()
 	if err != nil {
 		t.Fatalf("vaulttest: no vault binary: %v\nbuild it with: bash hack/vault.sh (or make testenv), about 15 minutes cold, then export %s=$(bash hack/vault.sh -q)", err, binDirEnv)
 	}
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatalf("vaulttest: %v", err)
-	}
-	v := &Vault{token: "root-" + hex.EncodeToString(b), dir: t.TempDir()}
+	v := &Vault{persistent: opts.Persistent, bin: filepath.Join(dir, "vault"), dir: t.TempDir()}
 	v.caFile = filepath.Join(v.dir, "vault-ca.pem")
 	v.logPath = filepath.Join(v.dir, "vault.log")
 	t.Cleanup(func() {
@@ -109,29 +122,59 @@ func StartWith(t testing.TB, opts Options) *Vault {
 		}
 	})
 	begin := time.Now()
-	if err := v.start(filepath.Join(dir, "vault")); err != nil {
+	mode := "development"
+	if v.persistent {
+		mode = "persistent"
+		err = v.startPersistent()
+	} else {
+		err = v.startDev()
+	}
+	if err != nil {
 		t.Fatalf("vaulttest: %v", err)
 	}
-	t.Logf("vaulttest: vault ready at %s in %v", v.addr, time.Since(begin).Round(time.Millisecond))
+	t.Logf("vaulttest: %s vault ready at %s in %v", mode, v.addr, time.Since(begin).Round(time.Millisecond))
 	v.EnableSecretsEngine(t, cmp.Or(opts.TransitMount, "transit"), "transit")
 	return v
 }
 
-func (v *Vault) start(bin string) error {
+func (v *Vault) startDev() error {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return err
+	}
+	v.token = "root-" + hex.EncodeToString(b)
+	// Development mode listens for cluster traffic on port+1, which may
+	// belong to another test, and tearing that listener down makes every
+	// Stop and Seal take about half a second. One node needs none.
+	if err := os.WriteFile(filepath.Join(v.dir, "vault-dev.json"), []byte(`{"disable_clustering": true}`), 0o600); err != nil {
+		return fmt.Errorf("vault configuration: %w", err)
+	}
+	// The CA file appears only once Vault has generated it, and each run
+	// generates a new one: the client is made after Vault is ready.
+	if err := v.launch(v.devProcess, "/v1/sys/health"); err != nil {
+		return err
+	}
+	return v.makeClient()
+}
+
+// launch runs Vault on a free loopback port and waits until GET readyPath
+// answers 200 OK. Another process may bind the port between FreePort and
+// Vault's own bind; then it tries another port.
+func (v *Vault) launch(run func(port int) (*fixture.Process, error), readyPath string) error {
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
 		var port int
 		if port, err = fixture.FreePort(); err != nil {
 			return err
 		}
-		v.addr = "https://127.0.0.1:" + strconv.Itoa(port)
-		var p *fixture.Process
-		if p, err = v.startProcess(bin, port); err != nil {
+		v.port = port
+		v.hostport = "127.0.0.1:" + strconv.Itoa(port)
+		v.addr = "https://" + v.hostport
+		if v.proc, err = run(port); err != nil {
 			return err
 		}
-		v.proc = p
-		if err = v.proc.WaitReady(readyTimeout, healthCheck(v.caFile, v.addr)); err == nil {
-			return v.makeClient()
+		if err = v.proc.WaitReady(readyTimeout, getCheck(v.caFile, v.addr+readyPath)); err == nil {
+			return nil
 		}
 		if !v.proc.Exited() || !v.proc.PortInUse() {
 			return err
@@ -140,8 +183,9 @@ func (v *Vault) start(bin string) error {
 	return err
 }
 
-func (v *Vault) startProcess(bin string, port int) (*fixture.Process, error) {
-	return fixture.Start("vault", v.logPath, serverEnv(), bin, "server", "-dev",
+func (v *Vault) devProcess(port int) (*fixture.Process, error) {
+	return fixture.Start("vault", v.logPath, serverEnv(), v.bin, "server", "-dev",
+		"-config="+filepath.Join(v.dir, "vault-dev.json"),
 		"-dev-listen-address=127.0.0.1:"+strconv.Itoa(port),
 		"-dev-root-token-id="+v.token,
 		// The token file would land in the user's home directory.
@@ -164,11 +208,11 @@ func serverEnv() []string {
 	return env
 }
 
-// healthCheck returns a check that asks sys/health whether Vault is
-// initialised, unsealed and active. The CA file appears once Vault has
-// generated its certificate, so the client is built on the first check that
-// finds it; each start generates a new CA, so each needs a new check.
-func healthCheck(caFile, addr string) func(context.Context) error {
+// getCheck returns a check that GETs url and wants 200 OK: at
+// /v1/sys/health that means initialised, unsealed and active. A
+// development Vault writes the CA file only once it has generated its
+// certificate, so the client is built on the first check that finds it.
+func getCheck(caFile, url string) func(context.Context) error {
 	var hc *http.Client
 	return func(ctx context.Context) error {
 		if hc == nil {
@@ -177,7 +221,7 @@ func healthCheck(caFile, addr string) func(context.Context) error {
 				return fmt.Errorf("CA certificate not written yet: %w", err)
 			}
 		}
-		return fixture.GetOK(ctx, hc, addr+"/v1/sys/health")
+		return fixture.GetOK(ctx, hc, url)
 	}
 }
 
@@ -192,20 +236,23 @@ func (v *Vault) makeClient() error {
 	if err != nil {
 		return fmt.Errorf("vault client: %w", err)
 	}
+	// NewClient takes VAULT_TOKEN and VAULT_NAMESPACE from the environment;
+	// an empty token (a persistent Vault before sys/init) clears it.
 	c.SetToken(v.token)
 	c.ClearNamespace()
 	v.client = c
 	return nil
 }
 
-// Addr returns Vault's URL, https://127.0.0.1:<port>.
+// Addr returns Vault's URL, https://127.0.0.1:<port>. Restart keeps it.
 func (v *Vault) Addr() string { return v.addr }
 
 // CAFile returns the PEM file of the CA that signed Vault's certificate,
-// which names localhost, 127.0.0.1 and ServerName.
+// which names localhost, 127.0.0.1 and ServerName. Restart keeps both.
 func (v *Vault) CAFile() string { return v.caFile }
 
-// RootToken returns the root token.
+// RootToken returns the root token. A persistent Vault keeps it across
+// restarts.
 func (v *Vault) RootToken() string { return v.token }
 
 // Client returns an api client holding the root token. Callers must not
