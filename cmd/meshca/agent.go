@@ -2,18 +2,24 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshca/meshca/internal/agent"
 	"github.com/meshca/meshca/internal/caclient"
+	"github.com/meshca/meshca/internal/policy/envoyconfig"
 	"github.com/meshca/meshca/keystore"
 )
 
 func newAgentCommand(g *globalOptions) *cobra.Command {
 	var (
-		cfg             agent.Config
-		bundle, keyType string
+		cfg                    agent.Config
+		bundle, keyType        string
+		inboundListen, appAddr string
+		trustDomain            string
+		destinations           []string
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -22,7 +28,19 @@ func newAgentCommand(g *globalOptions) *cobra.Command {
 never leaves this process), requests certificates from the meshca server with
 the pod's projected service-account token (re-read on every request),
 renews them at half their lifetime with jitter, follows the server's trust
-bundle over SDS, and serves both to Envoy over SDS on --socket.`,
+bundle over SDS, and serves both to Envoy over SDS on --socket.
+
+With --envoy-config-dir it also enforces the mesh's mTLS policy: it follows
+the policy over the same SDS stream and writes the proxy's Envoy
+configuration into the directory (lds.json and cds.json, rendered from
+--service-fqdn, --inbound-listen, --inbound-app and --destination), again on
+every change of the policy, then bootstrap.json once, after the first
+lds.json and cds.json: start Envoy with -c <dir>/bootstrap.json once that
+file exists. Nothing is written before the server's policy arrives; after
+--policy-wait without one (or at once if the server serves none), the
+configuration of an earlier run found in the directory is kept, or else a
+fail-closed one (mTLS STRICT for every service but the Kubernetes API) is
+written until the policy arrives.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
@@ -34,6 +52,26 @@ bundle over SDS, and serves both to Envoy over SDS on --socket.`,
 				return fmt.Errorf("--ca-bundle: %w", err)
 			}
 			cfg.TrustBundle, cfg.KeyType, cfg.Logger = roots, keystore.KeyType(keyType), log
+			if cfg.EnvoyConfigDir != "" {
+				if cfg.Proxy.Service.Listen, err = netip.ParseAddrPort(inboundListen); err != nil {
+					return fmt.Errorf("--inbound-listen: %w", err)
+				}
+				if cfg.Proxy.Service.App, err = netip.ParseAddrPort(appAddr); err != nil {
+					return fmt.Errorf("--inbound-app: %w", err)
+				}
+				if trustDomain != "" {
+					if cfg.Proxy.TrustDomain, err = spiffeid.TrustDomainFromString(trustDomain); err != nil {
+						return fmt.Errorf("--trust-domain: %w", err)
+					}
+				}
+				for _, s := range destinations {
+					d, err := envoyconfig.ParseDestination(s)
+					if err != nil {
+						return fmt.Errorf("--destination: %w", err)
+					}
+					cfg.Proxy.Destinations = append(cfg.Proxy.Destinations, d)
+				}
+			}
 			a, err := agent.New(cfg)
 			if err != nil {
 				return err
@@ -54,5 +92,15 @@ bundle over SDS, and serves both to Envoy over SDS on --socket.`,
 	fs.Float64Var(&cfg.Jitter, "jitter", agent.DefaultJitter, "random spread around --renew-at, as a fraction of the lifetime")
 	fs.DurationVar(&cfg.RetryMin, "retry-min", agent.DefaultRetryMin, "first retry delay after a failure (doubles up to --retry-max)")
 	fs.DurationVar(&cfg.RetryMax, "retry-max", agent.DefaultRetryMax, "longest retry delay")
+
+	fs.StringVar(&cfg.EnvoyConfigDir, "envoy-config-dir", "", `directory for the proxy's Envoy configuration rendered from the mesh's mTLS policy (lds.json, cds.json, bootstrap.json); "" renders none and does not ask for the policy`)
+	fs.StringVar(&cfg.Proxy.Service.FQDN, "service-fqdn", "", "FQDN of the local service, as the mTLS policy names it (with --envoy-config-dir)")
+	fs.StringVar(&inboundListen, "inbound-listen", "0.0.0.0:15006", "ip:port of the inbound listener, which terminates mTLS as the policy says")
+	fs.StringVar(&appAddr, "inbound-app", "127.0.0.1:8080", "ip:port of the local application the inbound listener forwards to")
+	fs.StringArrayVar(&destinations, "destination", nil, "a service the application reaches through the proxy, as fqdn=host:port[@listen]: "+
+		"host:port is its endpoint (IP or DNS name), listen the ip:port of the outbound listener (default 127.0.0.1:<port>); "+
+		"the proxy originates mTLS unless the policy disables it for fqdn; repeat for each")
+	fs.StringVar(&trustDomain, "trust-domain", "cluster.local", `trust domain whose SPIFFE IDs peers must present; "" accepts any certificate that chains to the trust bundle`)
+	fs.DurationVar(&cfg.PolicyWait, "policy-wait", agent.DefaultPolicyWait, "how long to wait for the server's first mTLS policy before writing a fallback configuration (negative: wait as long as it takes)")
 	return cmd
 }

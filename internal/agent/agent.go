@@ -18,7 +18,17 @@
 //     the same bundle. It ACKs a bundle to the server only once every local
 //     stream watching ROOTCA has ACKed it, and NACKs it when one of them
 //     does, so the server's ACK accounting (what a root rotation waits on)
-//     speaks for the proxies behind the agent.
+//     speaks for the proxies behind the agent;
+//   - with Config.EnvoyConfigDir, it enforces the mesh's mTLS policy: it
+//     subscribes to the policy (sds.PolicyName) on the same stream, renders
+//     the proxy's listeners and clusters from it (internal/policy/
+//     envoyconfig) into files Envoy watches, on every change, and ACKs the
+//     policy upstream once the files are written, or NACKs it with the
+//     reason, keeping the last good configuration. Until the first policy
+//     arrives it writes nothing, since any guess could open plaintext where
+//     the mesh requires mTLS; after Config.PolicyWait, or at once when the
+//     server serves no policy, it keeps what an earlier run left or writes
+//     the fail-closed FallbackPolicy.
 package agent
 
 import (
@@ -39,6 +49,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshca/meshca/internal/caclient"
+	"github.com/meshca/meshca/internal/policy"
+	"github.com/meshca/meshca/internal/policy/envoyconfig"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/sds"
 )
@@ -108,9 +120,28 @@ type Config struct {
 	// within this window rather than at its usual time, so that agents do
 	// not all ask at once. Zero means DefaultRotationWindow.
 	RotationWindow time.Duration
-	Clock          clockwork.Clock
-	Logger         *slog.Logger
-	Metrics        prometheus.Registerer
+	// EnvoyConfigDir, when set, is where the agent writes the proxy's Envoy
+	// configuration, rendered from Proxy and the mesh's mTLS policy: LDS
+	// and CDS files (envoyconfig.LDSFile, CDSFile) on every change of the
+	// policy, and the bootstrap (envoyconfig.BootstrapFile) once the first
+	// LDS and CDS are in place, so its appearance says Envoy may start. It
+	// is created (0755: the files hold no secrets) when missing. Empty
+	// leaves Envoy's configuration to someone else, and the policy is not
+	// asked for.
+	EnvoyConfigDir string
+	// Proxy describes the proxy for EnvoyConfigDir: Service (FQDN, inbound
+	// listener, local application), Destinations, TrustDomain and NodeID.
+	// Its Policy and SDSSocket are ignored: the agent sets the policy it
+	// received and SocketPath.
+	Proxy envoyconfig.Proxy
+	// PolicyWait is how long to wait for the server's first policy before
+	// writing a configuration without it; see FallbackPolicy. Zero means
+	// DefaultPolicyWait; negative waits as long as it takes (unless the
+	// server says it serves no policy).
+	PolicyWait time.Duration
+	Clock      clockwork.Clock
+	Logger     *slog.Logger
+	Metrics    prometheus.Registerer
 	// Rand returns a uniformly distributed number in [0, 1] for the jitter;
 	// nil uses math/rand/v2. Tests pin it. It is called from several
 	// goroutines, one at a time.
@@ -126,6 +157,7 @@ type Agent struct {
 	node    string
 	bcast   *sds.Broadcaster
 	sds     *sds.Server
+	enforce *enforcer // nil without EnvoyConfigDir
 	running atomic.Bool
 	// kick asks the renewal loop to renew now: the trust bundle changed and
 	// the current certificate no longer chains to it.
@@ -200,6 +232,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.RotationWindow <= 0 {
 		cfg.RotationWindow = DefaultRotationWindow
 	}
+	if cfg.PolicyWait == 0 {
+		cfg.PolicyWait = DefaultPolicyWait
+	}
 	if cfg.Clock == nil {
 		cfg.Clock = clockwork.NewRealClock()
 	}
@@ -222,14 +257,22 @@ func New(cfg Config) (*Agent, error) {
 	if h, err := os.Hostname(); err == nil && h != "" {
 		node += "/" + h
 	}
+	m := newMetrics(cfg.Metrics)
+	var enf *enforcer
+	if cfg.EnvoyConfigDir != "" {
+		if enf, err = newEnforcer(cfg, m); err != nil {
+			return nil, err
+		}
+	}
 	return &Agent{
 		cfg:     cfg,
 		clock:   cfg.Clock,
 		log:     cfg.Logger,
-		metrics: newMetrics(cfg.Metrics),
+		metrics: m,
 		node:    node,
 		bcast:   b,
 		sds:     srv,
+		enforce: enf,
 		kick:    make(chan struct{}, 1),
 		resched: make(chan struct{}, 1),
 		rand:    cfg.Rand,
@@ -276,6 +319,16 @@ type Status struct {
 	// sent last, while the agent holds back its answer until every local
 	// proxy watching ROOTCA has answered it; nil otherwise.
 	PendingBundle []string
+	// PolicySource says where the policy of the Envoy configuration in
+	// force came from; empty until one is written, and without
+	// EnvoyConfigDir. Policy is that policy and PolicyVersion its version
+	// (sds.PolicyVersion); both are zero for PolicyPrevious, whose policy
+	// the agent does not know.
+	PolicySource  PolicySource
+	Policy        *policy.Policy
+	PolicyVersion string
+	// PolicyError is why the last policy was not applied; nil once one is.
+	PolicyError error
 }
 
 // Status returns a snapshot of the agent's state.
@@ -288,6 +341,9 @@ func (a *Agent) Status() Status {
 		s.ID, s.Serial, s.NotAfter = c.ID, c.Chain[0].SerialNumber.Text(16), c.NotAfter
 	}
 	s.Roots = fingerprints(a.roots)
+	if a.enforce != nil {
+		s.Policy, s.PolicyVersion, s.PolicySource, s.PolicyError = a.enforce.state()
+	}
 	return s
 }
 

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
+	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -18,8 +20,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/sds"
 )
 
@@ -27,15 +31,28 @@ import (
 // service, so a new trust bundle reaches the proxy as soon as the server
 // has it rather than at the next renewal. Each bundle is ACKed to the
 // server only once the local proxies have ACKed it, and NACKed if one of
-// them rejects it. It reconnects with backoff until ctx ends.
+// them rejects it. With EnvoyConfigDir the same stream carries the mTLS
+// policy. It reconnects with backoff until ctx ends.
 func (a *Agent) followBundle(ctx context.Context) {
 	failures := 0
+	askPolicy := a.enforce != nil
 	for {
 		began := a.clock.Now()
-		received, err := a.streamBundle(ctx)
+		received, err := a.streamBundle(ctx, askPolicy)
 		if ctx.Err() != nil {
 			return
 		}
+		if askPolicy && policyRefused(err) {
+			// A server without a policy (or older than the resource) ends
+			// the stream; the bundle is still worth following, at once.
+			// The next stream that ends for any reason asks again: a
+			// server restarted with a policy then serves it.
+			askPolicy = false
+			a.enforce.serverHasNone()
+			a.log.Warn("the server serves no mTLS policy; following the trust bundle alone", "err", err)
+			continue
+		}
+		askPolicy = a.enforce != nil
 		// A stream that worked for a while earns a quick reconnect.
 		if received || a.clock.Since(began) >= a.cfg.RetryMax {
 			failures = 0
@@ -49,10 +66,18 @@ func (a *Agent) followBundle(ctx context.Context) {
 	}
 }
 
+// policyRefused reports whether err ended a stream because the server does
+// not serve the policy: sds answers an unknown name with InvalidArgument
+// naming it.
+func policyRefused(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.InvalidArgument && strings.Contains(st.Message(), strconv.Quote(sds.PolicyName))
+}
+
 // streamBundle runs one stream, on a connection of its own that trusts the
 // current roots, until it breaks. received reports whether the server
-// answered at all.
-func (a *Agent) streamBundle(ctx context.Context) (received bool, err error) {
+// answered at all and the stream did not end to retry a failed write.
+func (a *Agent) streamBundle(ctx context.Context, askPolicy bool) (received bool, err error) {
 	token, err := a.readToken()
 	if err != nil {
 		return false, err
@@ -79,12 +104,16 @@ func (a *Agent) streamBundle(ctx context.Context) (received bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("agent: open trust bundle stream: %w", err)
 	}
+	names := []string{sds.RootsName}
+	if askPolicy {
+		names = append(names, sds.PolicyName)
+	}
 	// No version_info, unlike a reconnecting Envoy: the server then sends
-	// its bundle on every new stream, and it replaces whatever the agent
-	// pieced together meanwhile.
+	// its bundle (and policy) on every new stream, and they replace
+	// whatever the agent pieced together meanwhile.
 	err = stream.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: a.node}, TypeUrl: sds.TypeURL,
-		ResourceNames: []string{sds.RootsName}})
-	var version string // of the last bundle applied
+		ResourceNames: names})
+	var version string // of the last response applied
 	for err == nil || errors.Is(err, io.EOF) {
 		// A failed Send says only io.EOF; Recv has the stream's status.
 		var resp *discoveryv3.DiscoveryResponse
@@ -92,38 +121,120 @@ func (a *Agent) streamBundle(ctx context.Context) (received bool, err error) {
 			break
 		}
 		received = true
-		ack := &discoveryv3.DiscoveryRequest{TypeUrl: sds.TypeURL, ResourceNames: []string{sds.RootsName},
-			ResponseNonce: resp.GetNonce()}
-		if bundle, perr := parseBundle(resp); perr != nil {
+		reject, retry := a.handleResponse(ctx, resp)
+		if ctx.Err() != nil {
+			err = ctx.Err()
+			break
+		}
+		ack := &discoveryv3.DiscoveryRequest{TypeUrl: sds.TypeURL, ResourceNames: names, ResponseNonce: resp.GetNonce()}
+		if reject != nil {
 			// NACK: echo the version still in use, as Envoy does.
 			ack.VersionInfo = version
-			ack.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: perr.Error()}
-			a.log.Warn("rejected a trust bundle from the server; keeping the current one", "err", perr)
+			ack.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: reject.Error()}
 		} else {
-			a.mu.Lock()
-			a.setRoots(bundle, "server ROOTCA stream")
-			a.pending = fingerprints(bundle)
-			a.mu.Unlock()
-			perr := a.awaitProxies(ctx)
-			a.mu.Lock()
-			a.pending = nil
-			a.mu.Unlock()
-			if ctx.Err() != nil {
-				err = ctx.Err()
-				break
-			}
-			if perr != nil {
-				ack.VersionInfo = version
-				ack.ErrorDetail = &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: perr.Error()}
-				a.log.Warn("a local proxy rejected the trust bundle; rejecting it upstream", "err", perr)
-			} else {
-				version = resp.GetVersionInfo()
-				ack.VersionInfo = version
-			}
+			version = resp.GetVersionInfo()
+			ack.VersionInfo = version
 		}
-		err = stream.Send(ack)
+		if err = stream.Send(ack); err == nil && retry != nil {
+			// The server sends a version once per stream: a new stream,
+			// after the backoff, brings the policy again. Half-close and
+			// let the server end the stream, so the NACK is read first.
+			if err = stream.CloseSend(); err == nil {
+				for err == nil {
+					_, err = stream.Recv()
+				}
+			}
+			return false, fmt.Errorf("agent: %w; retrying on a new stream", retry)
+		}
 	}
 	return received, fmt.Errorf("agent: trust bundle stream: %w", err)
+}
+
+// handleResponse applies what one response carries: a trust bundle, once
+// the local proxies have it, and a policy, once its configuration is
+// written. reject, when set, is why the response is NACKed; retry is set
+// when the policy could not be written and is worth another try.
+func (a *Agent) handleResponse(ctx context.Context, resp *discoveryv3.DiscoveryResponse) (reject, retry error) {
+	got, err := parseResponse(resp)
+	if err != nil {
+		if got.policyErr != nil && a.enforce != nil {
+			_ = a.enforce.rejected(got.policyErr)
+		}
+		a.log.Warn("rejected a response from the server; keeping what it replaces", "err", err)
+		return err, nil
+	}
+	var errs []error
+	if got.roots != nil {
+		a.mu.Lock()
+		a.setRoots(got.roots, "server ROOTCA stream")
+		a.pending = fingerprints(got.roots)
+		a.mu.Unlock()
+		perr := a.awaitProxies(ctx)
+		a.mu.Lock()
+		a.pending = nil
+		a.mu.Unlock()
+		if ctx.Err() != nil {
+			return ctx.Err(), nil
+		}
+		if perr != nil {
+			a.log.Warn("a local proxy rejected the trust bundle; rejecting it upstream", "err", perr)
+			errs = append(errs, perr)
+		}
+	}
+	if got.policy != nil && a.enforce != nil {
+		if err := a.enforce.apply(*got.policy, got.policyVersion, PolicyFromServer); err != nil {
+			a.log.Error("cannot apply the mTLS policy from the server; the last good Envoy configuration stays",
+				"err", err, "policy", got.policy.String(), "version", got.policyVersion)
+			errs = append(errs, err)
+			if isWriteError(err) {
+				retry = err
+			}
+		}
+	}
+	return errors.Join(errs...), retry
+}
+
+// received is what a response from the server carries.
+type received struct {
+	roots         []*x509.Certificate
+	policy        *policy.Policy
+	policyVersion string
+	// policyErr is why the policy in it does not parse.
+	policyErr error
+}
+
+// parseResponse decodes a response to the agent's subscription. It
+// refuses the whole response when any of it is malformed, and a response
+// with none of the resources asked for.
+func parseResponse(resp *discoveryv3.DiscoveryResponse) (received, error) {
+	var got received
+	for _, res := range resp.GetResources() {
+		if res.GetTypeUrl() != sds.TypeURL {
+			return received{}, fmt.Errorf("resource of type %q, want %s", res.GetTypeUrl(), sds.TypeURL)
+		}
+		sec := &tlsv3.Secret{}
+		if err := res.UnmarshalTo(sec); err != nil {
+			return received{}, fmt.Errorf("decode secret: %w", err)
+		}
+		switch sec.GetName() {
+		case sds.RootsName:
+			roots, err := parseBundle(sec)
+			if err != nil {
+				return received{}, err
+			}
+			got.roots = roots
+		case sds.PolicyName:
+			p, v, err := parsePolicy(sec)
+			if err != nil {
+				return received{policyErr: err}, err
+			}
+			got.policy, got.policyVersion = &p, v
+		}
+	}
+	if got.roots == nil && got.policy == nil {
+		return received{}, fmt.Errorf("response without the %q or %q secret", sds.RootsName, sds.PolicyName)
+	}
+	return got, nil
 }
 
 // awaitProxies waits until every local stream subscribed to ROOTCA has
@@ -177,34 +288,21 @@ func fingerprints(certs []*x509.Certificate) []string {
 	return fps
 }
 
-// parseBundle extracts the roots from a response to a ROOTCA subscription.
-// Anything but CA certificates is refused: they become trust anchors.
-func parseBundle(resp *discoveryv3.DiscoveryResponse) ([]*x509.Certificate, error) {
-	for _, res := range resp.GetResources() {
-		if res.GetTypeUrl() != sds.TypeURL {
-			return nil, fmt.Errorf("resource of type %q, want %s", res.GetTypeUrl(), sds.TypeURL)
-		}
-		sec := &tlsv3.Secret{}
-		if err := res.UnmarshalTo(sec); err != nil {
-			return nil, fmt.Errorf("decode secret: %w", err)
-		}
-		if sec.GetName() != sds.RootsName {
-			continue
-		}
-		vc := sec.GetValidationContext()
-		if vc == nil {
-			return nil, fmt.Errorf("secret %q holds no validation context", sds.RootsName)
-		}
-		roots, err := ca.ParseCerts(vc.GetTrustedCa().GetInlineBytes())
-		if err != nil {
-			return nil, fmt.Errorf("secret %q: trusted_ca: %w", sds.RootsName, err)
-		}
-		for _, r := range roots {
-			if !r.BasicConstraintsValid || !r.IsCA {
-				return nil, fmt.Errorf("secret %q: certificate %q is not a CA", sds.RootsName, r.Subject)
-			}
-		}
-		return roots, nil
+// parseBundle extracts the roots from the ROOTCA secret. Anything but CA
+// certificates is refused: they become trust anchors.
+func parseBundle(sec *tlsv3.Secret) ([]*x509.Certificate, error) {
+	vc := sec.GetValidationContext()
+	if vc == nil {
+		return nil, fmt.Errorf("secret %q holds no validation context", sds.RootsName)
 	}
-	return nil, fmt.Errorf("response without the %q secret", sds.RootsName)
+	roots, err := ca.ParseCerts(vc.GetTrustedCa().GetInlineBytes())
+	if err != nil {
+		return nil, fmt.Errorf("secret %q: trusted_ca: %w", sds.RootsName, err)
+	}
+	for _, r := range roots {
+		if !r.BasicConstraintsValid || !r.IsCA {
+			return nil, fmt.Errorf("secret %q: certificate %q is not a CA", sds.RootsName, r.Subject)
+		}
+	}
+	return roots, nil
 }

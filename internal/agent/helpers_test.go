@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +29,7 @@ import (
 	"github.com/meshca/meshca/identity/devtoken"
 	"github.com/meshca/meshca/internal/agent"
 	"github.com/meshca/meshca/internal/certservice"
+	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/server"
 	"github.com/meshca/meshca/keystore/memory"
 	"github.com/meshca/meshca/sds"
@@ -234,9 +237,16 @@ type mesh struct {
 	tokens *devtoken.Authority
 	ca     *switchCA
 	first  *ca.Authority
-	// bundle is what the central SDS service serves as ROOTCA.
-	bundle  *sds.Broadcaster
-	central *sds.Server
+	// bundle is what the central SDS service serves as ROOTCA, and as the
+	// mTLS policy unless noPolicy is set: then the service says it has
+	// none, as a server without a policy store does.
+	bundle   *sds.Broadcaster
+	noPolicy atomic.Bool
+	central  *sds.Server
+	// centralReg holds the central service's metrics; nacks the reasons
+	// of the NACKs it logged.
+	centralReg *prometheus.Registry
+	nacks      *nackLog
 	// fetches records CreateCertificate calls, streams SDS stream opens.
 	fetches, streams *recorder
 	net              *network
@@ -251,12 +261,14 @@ func newMesh(t *testing.T) *mesh {
 		t.Fatal(err)
 	}
 	m := &mesh{
-		clock:   clock,
-		tokens:  tokens,
-		first:   newAuthority(t, clock),
-		bundle:  sds.NewBroadcaster(),
-		fetches: &recorder{Authenticator: tokens, clock: clock},
-		streams: &recorder{Authenticator: tokens, clock: clock},
+		clock:      clock,
+		tokens:     tokens,
+		first:      newAuthority(t, clock),
+		bundle:     sds.NewBroadcaster(),
+		centralReg: prometheus.NewRegistry(),
+		nacks:      &nackLog{},
+		fetches:    &recorder{Authenticator: tokens, clock: clock},
+		streams:    &recorder{Authenticator: tokens, clock: clock},
 	}
 	m.ca = &switchCA{cur: m.first, changed: make(chan struct{})}
 	m.setBundle(t, m.first.Issuer().Roots...)
@@ -264,7 +276,8 @@ func newMesh(t *testing.T) *mesh {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.central, err = sds.New(sds.Config{Source: m.bundle, Authenticate: sds.BearerAuthenticator(m.streams), Clock: clock})
+	m.central, err = sds.New(sds.Config{Source: meshSource{m}, Authenticate: sds.BearerAuthenticator(m.streams), Clock: clock,
+		Metrics: m.centralReg, Logger: slog.New(m.nacks)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -302,9 +315,66 @@ func newMesh(t *testing.T) *mesh {
 // setBundle changes the bundle the server's SDS service pushes.
 func (m *mesh) setBundle(t *testing.T, roots ...*x509.Certificate) {
 	t.Helper()
-	if err := m.bundle.Set(sds.Snapshot{Roots: roots}); err != nil {
+	snap := sds.Snapshot{Roots: roots}
+	if cur := m.bundle.Snapshot(); cur != nil {
+		snap.Policy = cur.Policy
+	}
+	if err := m.bundle.Set(snap); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// setPolicy changes the mTLS policy the server's SDS service pushes.
+func (m *mesh) setPolicy(t *testing.T, p policy.Policy) {
+	t.Helper()
+	snap := *m.bundle.Snapshot()
+	snap.Policy = &p
+	if err := m.bundle.Set(snap); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// meshSource is the central SDS service's source: the mesh's Broadcaster,
+// without the policy while noPolicy is set.
+type meshSource struct{ m *mesh }
+
+func (s meshSource) Watch(ctx context.Context, p sds.Peer, want sds.Want, changed func()) (sds.Watcher, error) {
+	if want.Policy && s.m.noPolicy.Load() {
+		return nil, fmt.Errorf("test: %w", sds.ErrNoPolicy)
+	}
+	return s.m.bundle.Watch(ctx, p, want, changed)
+}
+
+// nackLog is the central service's log handler: it keeps the reason of
+// every NACK it logs, since a stream's status goes with the stream.
+type nackLog struct {
+	mu      sync.Mutex
+	reasons []string
+}
+
+func (l *nackLog) Enabled(context.Context, slog.Level) bool { return true }
+func (l *nackLog) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *nackLog) WithGroup(string) slog.Handler            { return l }
+
+func (l *nackLog) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "proxy rejected secrets" {
+		return nil
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "error" {
+			l.mu.Lock()
+			l.reasons = append(l.reasons, a.Value.String())
+			l.mu.Unlock()
+		}
+		return true
+	})
+	return nil
+}
+
+func (l *nackLog) seen() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.reasons...)
 }
 
 // mint returns a token for ns/sa, valid throughout the test.

@@ -16,7 +16,8 @@ import (
 )
 
 // Run serves SDS on the socket, obtains and renews the certificate and
-// follows the server's trust bundle until ctx ends, then removes the socket.
+// follows the server's trust bundle (and, with EnvoyConfigDir, its mTLS
+// policy) until ctx ends, then removes the socket.
 // It returns an error only when the socket cannot be served; an unreachable
 // server is retried, never fatal. Run may be called once.
 func (a *Agent) Run(ctx context.Context) error {
@@ -41,7 +42,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.sds.Register(gs)
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
-		if err := gs.Serve(sock.lis); err != nil {
+		err := gs.Serve(sock.lis)
+		// A shutdown that comes before Serve starts makes it return
+		// ErrServerStopped: that is the end asked for, not a failure.
+		if err != nil && !(errors.Is(err, grpc.ErrServerStopped) && ctx.Err() != nil) {
 			return fmt.Errorf("agent: serve SDS: %w", err)
 		}
 		return nil
@@ -54,6 +58,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	g.Go(func() error { a.renew(ctx); return nil })
 	g.Go(func() error { a.followBundle(ctx); return nil })
+	if a.enforce != nil {
+		g.Go(func() error { a.awaitPolicy(ctx); return nil })
+	}
 	return g.Wait()
 }
 

@@ -11,11 +11,13 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 )
 
-// Names of the files Write produces in its directory. Envoy infers the
-// format from the extension.
+// Names of the files Write produces in its directory, and the name node
+// agents give the bootstrap there. Envoy infers the format from the
+// extension.
 const (
-	LDSFile = "lds.json"
-	CDSFile = "cds.json"
+	LDSFile       = "lds.json"
+	CDSFile       = "cds.json"
+	BootstrapFile = "bootstrap.json"
 )
 
 // Bootstrap returns the bootstrap of p, whose LDS and CDS files are in dir

@@ -3,8 +3,11 @@ package envoyconfig
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -119,4 +122,41 @@ func (p Proxy) validate() (Proxy, error) {
 func (p Proxy) Validate() error {
 	_, err := p.validate()
 	return err
+}
+
+// ParseDestination reads a destination written as
+// "fqdn=host:port[@listen]": the service's FQDN, its endpoint (an IP
+// address or a DNS name; IPv6 in brackets) and, optionally, where the
+// outbound listener binds. Without "@listen" it binds 127.0.0.1 on the
+// endpoint's port, so the application reaches the service on loopback at
+// the port it would have used.
+func ParseDestination(s string) (Destination, error) {
+	fail := func(format string, args ...any) (Destination, error) {
+		return Destination{}, fmt.Errorf("envoyconfig: destination %q: %s", s, fmt.Sprintf(format, args...))
+	}
+	name, rest, ok := strings.Cut(s, "=")
+	if !ok || name == "" {
+		return fail("want fqdn=host:port[@listen]")
+	}
+	fqdn, err := policy.NormalizeFQDN(name)
+	if err != nil {
+		return fail("%v", err)
+	}
+	endpoint, listen, hasListen := strings.Cut(rest, "@")
+	host, portStr, err := net.SplitHostPort(endpoint)
+	if err != nil || host == "" {
+		return fail("endpoint %q is not host:port", endpoint)
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil || port == 0 {
+		return fail("port %q is not a port number", portStr)
+	}
+	d := Destination{FQDN: fqdn, Address: host, Port: uint16(port),
+		Listen: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(port))}
+	if hasListen {
+		if d.Listen, err = netip.ParseAddrPort(listen); err != nil {
+			return fail("listen address %q: want ip:port", listen)
+		}
+	}
+	return d, nil
 }
