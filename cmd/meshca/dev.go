@@ -45,6 +45,7 @@ type devOptions struct {
 	listen  listenOptions
 	kube    kubeOptions
 	admin   adminOptions
+	mtls    mtlsOptions
 	dataDir string
 	sds     devSDSOptions
 }
@@ -116,7 +117,8 @@ one with --sds-token-file.`,
 			}
 			st, err := buildStack(ctx, stackConfig{ca: o.ca, listen: o.listen, keys: keys,
 				journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, registry: reg,
-				auditDir: filepath.Join(o.dataDir, devAuditDir), admin: o.admin, log: log})
+				auditDir: filepath.Join(o.dataDir, devAuditDir), admin: o.admin, log: log,
+				mtls: o.mtls.inDataDir(o.dataDir)})
 			if err != nil {
 				return err
 			}
@@ -143,6 +145,7 @@ one with --sds-token-file.`,
 	fs.StringVar(&o.dataDir, "data-dir", ".meshca-dev", "directory for all development state")
 	o.kube.bind(fs, "authenticate workloads with TokenReview in this cluster instead of the development token issuer", false)
 	o.admin.bind(fs, false)
+	o.mtls.bind(fs, false)
 	fs.StringVar(&o.sds.socket, "sds-socket", "", `Unix socket on which the in-process node agent serves SDS to Envoy (default <data-dir>/sds/agent.sock; "" runs no agent)`)
 	fs.StringVar(&o.sds.namespace, "sds-namespace", "default", "namespace of the agent's workload")
 	fs.StringVar(&o.sds.account, "sds-service-account", "default", "service account of the agent's workload")

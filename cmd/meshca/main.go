@@ -50,6 +50,7 @@ func newRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newBenchCommand(g),
 		newAuditCommand(),
 		newCARootCommand(),
+		newMTLSCommand(),
 		newAgentCommand(g),
 		newSDSCommand(),
 		newVersionCommand(),

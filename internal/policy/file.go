@@ -148,7 +148,7 @@ func (s *FileStore) Update(ctx context.Context, mutate func(Policy) (Policy, err
 			return Policy{}, err
 		}
 		if cur.err != nil {
-			return Policy{}, fmt.Errorf("policy: not updating a malformed file; fix or remove it: %w", cur.err)
+			return Policy{}, fmt.Errorf("%w; not updating it, fix or remove it: %w", ErrMalformed, cur.err)
 		}
 		next, err := mutate(clonePolicy(cur.policy))
 		if err != nil {

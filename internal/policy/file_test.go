@@ -286,7 +286,7 @@ func TestFileStorePicksUpEdits(t *testing.T) {
 	if v := metricValue(t, e.reg, "meshca_policy_source_valid"); v != 0 {
 		t.Errorf("source valid = %v, want 0", v)
 	}
-	if _, err := e.store.Update(t.Context(), addExcluded("b.example")); err == nil || !strings.Contains(err.Error(), "malformed") {
+	if _, err := e.store.Update(t.Context(), addExcluded("b.example")); !errors.Is(err, policy.ErrMalformed) {
 		t.Errorf("Update over a malformed file = %v, want refusal", err)
 	}
 

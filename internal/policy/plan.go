@@ -9,16 +9,16 @@ import (
 
 // Service is one service of the mesh as Plan sees it.
 type Service struct {
-	FQDN      string
-	Endpoints []Endpoint
+	FQDN      string     `json:"fqdn"`
+	Endpoints []Endpoint `json:"endpoints,omitempty"`
 }
 
 // Endpoint is one address serving a Service. Pod is empty for an address
 // no pod backs (a hand-written EndpointSlice, an external IP).
 type Endpoint struct {
-	Namespace string
-	Pod       string
-	Addr      string
+	Namespace string `json:"namespace,omitempty"`
+	Pod       string `json:"pod,omitempty"`
+	Addr      string `json:"addr"`
 }
 
 func (e Endpoint) String() string {
@@ -31,12 +31,12 @@ func (e Endpoint) String() string {
 // Finding names a service that a policy would cut off: it requires mTLS,
 // and some endpoints have no proxy to terminate it.
 type Finding struct {
-	Service string // normalized FQDN, or as given if it does not normalize
-	Mode    Mode
+	Service string `json:"service"` // normalized FQDN, or as given if it does not normalize
+	Mode    Mode   `json:"mode"`
 	// Endpoints is how many endpoints the service has.
-	Endpoints int
+	Endpoints int `json:"endpoints"`
 	// Unproxied are the endpoints without a proxy holding a certificate.
-	Unproxied []Endpoint
+	Unproxied []Endpoint `json:"unproxied"`
 }
 
 // All reports whether no endpoint of the service would be reachable.

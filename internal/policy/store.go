@@ -2,6 +2,7 @@ package policy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -37,7 +38,15 @@ type Store interface {
 	Synced() bool
 	// WaitForSync blocks until Synced or ctx ends.
 	WaitForSync(ctx context.Context) error
+	// Status tells what the store last saw of its backing object.
+	Status() Status
 }
+
+// ErrMalformed is wrapped by Update's refusal to edit a stored policy that
+// does not parse: the request may be fine, the stored object needs fixing
+// by hand first. Such errors also wrap the ErrInvalid of the parse, so test
+// for ErrMalformed first.
+var ErrMalformed = errors.New("policy: the stored policy is malformed")
 
 // Status is what a store last saw of its backing object, for health pages.
 type Status struct {

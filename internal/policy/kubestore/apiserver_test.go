@@ -302,7 +302,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		if v := e.metric(t, "meshca_policy_source_valid"); v != 0 {
 			t.Errorf("source valid = %v, want 0", v)
 		}
-		if _, err := e.store.Update(t.Context(), addExcluded("x.example")); err == nil || !strings.Contains(err.Error(), "malformed") {
+		if _, err := e.store.Update(t.Context(), addExcluded("x.example")); !errors.Is(err, policy.ErrMalformed) {
 			t.Errorf("Update over a malformed ConfigMap = %v; want a refusal", err)
 		}
 

@@ -176,7 +176,7 @@ func (s *Store) attempt(ctx context.Context, mutate func(policy.Policy) (policy.
 	cur := policy.Default()
 	if !absent {
 		if cur, err = policy.ParseConfigMap(cm.Data); err != nil {
-			return policy.Policy{}, fmt.Errorf("kubestore: not updating malformed configmap %s/%s; fix it by hand: %w", s.cfg.Namespace, s.cfg.Name, err)
+			return policy.Policy{}, fmt.Errorf("kubestore: configmap %s/%s: %w; not updating it, fix it by hand: %w", s.cfg.Namespace, s.cfg.Name, policy.ErrMalformed, err)
 		}
 	}
 	next, err := mutate(cur)
