@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"crypto/rand"
 	"fmt"
 	"log/slog"
 	"os"
@@ -8,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
 	"github.com/meshca/meshca/identity/devtoken"
@@ -36,6 +39,9 @@ type benchCSROptions struct {
 	namespace   string
 	account     string
 	cfg         loadgen.Config
+	keys        keystoreOptions
+	// cleanup removes what inProcessKeys made.
+	cleanup func()
 }
 
 func newBenchCSRCommand(g *globalOptions) *cobra.Command {
@@ -73,7 +79,12 @@ request was due, so a server that falls behind shows it.`,
 			if err != nil {
 				return err
 			}
-			cfg, err := o.config(cmd.Flags().Changed("addr"), log)
+			defer func() {
+				if o.cleanup != nil {
+					o.cleanup()
+				}
+			}()
+			cfg, err := o.config(cmd.Context(), cmd.Flags().Changed("addr"), log)
 			if err != nil {
 				return err
 			}
@@ -104,11 +115,12 @@ request was due, so a server that falls behind shows it.`,
 	fs.DurationVar(&o.cfg.Timeout, "timeout", loadgen.DefaultTimeout, "timeout of each request")
 	fs.IntVar(&o.cfg.CSRPool, "csr-pool", loadgen.DefaultCSRPool, "client keys and CSRs generated before timing and used in turn")
 	fs.DurationVar(&o.cfg.ReferenceDuration, "reference-duration", loadgen.DefaultReferenceDuration, "length of each in-process reference measurement")
+	o.keys.bind(fs, true)
 	return cmd
 }
 
 // config resolves the target flags into a loadgen.Config.
-func (o *benchCSROptions) config(addrSet bool, log *slog.Logger) (loadgen.Config, error) {
+func (o *benchCSROptions) config(ctx context.Context, addrSet bool, log *slog.Logger) (loadgen.Config, error) {
 	cfg := o.cfg
 	cfg.Logger = log
 	remote := addrSet || o.tokenFile != "" || o.devDataDir != "" || o.bundle != ""
@@ -117,7 +129,7 @@ func (o *benchCSROptions) config(addrSet bool, log *slog.Logger) (loadgen.Config
 			return cfg, fmt.Errorf("--in-process starts its own server; it does not take --addr, --ca-bundle, --token-file or --dev-data-dir")
 		}
 		cfg.InProcess = true
-		return cfg, nil
+		return cfg, o.inProcessKeys(ctx, &cfg, log)
 	}
 
 	cfg.Addr, cfg.ServerName = o.addr, o.serverName
@@ -162,4 +174,31 @@ func (o *benchCSROptions) config(addrSet bool, log *slog.Logger) (loadgen.Config
 	}
 	cfg.TrustBundle = bundle
 	return cfg, nil
+}
+
+// inProcessKeys opens the in-process server's keystore. A disk keystore
+// without a passphrase file gets a throwaway directory and passphrase.
+func (o *benchCSROptions) inProcessKeys(ctx context.Context, cfg *loadgen.Config, log *slog.Logger) error {
+	opts := o.keys
+	if opts.backend == "disk" && opts.passphraseFile == "" {
+		dir, err := os.MkdirTemp("", "meshca-bench-keys-*")
+		if err != nil {
+			return err
+		}
+		o.cleanup = func() { _ = os.RemoveAll(dir) }
+		opts.dir = filepath.Join(dir, "keys")
+		opts.passphraseFile = filepath.Join(dir, "passphrase")
+		if err := os.WriteFile(opts.passphraseFile, []byte(rand.Text()), 0o600); err != nil {
+			return err
+		}
+	}
+	k, err := opts.open(ctx, "", prometheus.NewRegistry(), log)
+	if err != nil {
+		return err
+	}
+	cfg.Keys, cfg.PerReplicaIntermediates, cfg.KeysName = k.keys, k.perReplica, opts.backend
+	if k.perReplica {
+		cfg.KeysName += " (root; per-replica intermediate in memory)"
+	}
+	return nil
 }

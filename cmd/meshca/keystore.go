@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/keystore/memory"
 	"github.com/meshca/meshca/keystore/vault"
 )
 
@@ -41,8 +42,14 @@ type vaultOptions struct {
 	timeout, checkTimeout              time.Duration
 }
 
-func (o *keystoreOptions) bind(fs *pflag.FlagSet) {
-	fs.StringVar(&o.backend, "keystore", "disk", "where the CA's keys live: disk (encrypted files) or vault (HashiCorp Vault Transit: the root key never leaves Vault)")
+// bind adds the keystore flags; withMemory also offers an in-memory
+// keystore, as its default (for benchmarks).
+func (o *keystoreOptions) bind(fs *pflag.FlagSet, withMemory bool) {
+	def, usage := "disk", "where the CA's keys live: disk (encrypted files) or vault (HashiCorp Vault Transit: the root key never leaves Vault)"
+	if withMemory {
+		def, usage = "memory", "where the CA's keys live: memory, disk (encrypted files) or vault (HashiCorp Vault Transit)"
+	}
+	fs.StringVar(&o.backend, "keystore", def, usage)
 	fs.StringVar(&o.dir, "keystore-dir", "", "disk keystore directory (default <data-dir>/keys)")
 	fs.StringVar(&o.passphraseFile, "keystore-passphrase-file", "", "file holding the disk keystore's passphrase")
 	fs.StringVar(&o.intermediates, "intermediates", "", "shared (one intermediate in the journal, its key in the keystore) or per-replica (each server process signs its own intermediate key, kept in memory, with the root; leaf issuance never calls the keystore); default: shared for disk, per-replica for vault")
@@ -78,6 +85,8 @@ type openedKeystore struct {
 func (o *keystoreOptions) open(ctx context.Context, dataDir string, reg prometheus.Registerer, log *slog.Logger) (openedKeystore, error) {
 	var k openedKeystore
 	switch o.backend {
+	case "memory":
+		k.keys = memory.New()
 	case "disk":
 		dir := o.dir
 		if dir == "" {

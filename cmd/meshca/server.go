@@ -30,6 +30,7 @@ type serverOptions struct {
 	auditStdout   bool
 	auditDelay    time.Duration
 	admin         adminOptions
+	mtls          mtlsOptions
 }
 
 func newServerCommand(g *globalOptions) *cobra.Command {
@@ -49,7 +50,8 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				o.listen.namespace = in
 			}
 			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"),
-				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, auditDir: o.auditDir, auditCommitDelay: o.auditDelay, admin: o.admin, log: log}
+				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, auditDir: o.auditDir, auditCommitDelay: o.auditDelay, admin: o.admin, log: log,
+				mtls: o.mtls.inDataDir(o.dataDir)}
 			if c.admin.socket == "" {
 				c.admin.socket = filepath.Join(o.dataDir, "admin", "admin.sock")
 			}
@@ -80,7 +82,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	o.ca.bind(fs)
 	o.listen.bind(fs, "", []string{"meshca", "meshca.meshca-system", "meshca.meshca-system.svc", "localhost"}, []string{"127.0.0.1"})
 	fs.StringVar(&o.dataDir, "data-dir", "/var/lib/meshca", "directory for the CA journal and, by default, the disk keystore")
-	o.keys.bind(fs)
+	o.keys.bind(fs, false)
 	fs.StringVar(&o.authenticator, "authenticator", "kube", "how workload tokens are verified: kube (Kubernetes TokenReview) or dev (meshca's development token issuer)")
 	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")
@@ -89,6 +91,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	fs.DurationVar(&o.auditDelay, "audit-commit-delay", audit.DefaultCommitDelay, "under load, space the audit ledger's group commits (one fsync each) by this much, so each carries more records; appends further apart never wait (negative: never wait)")
 	fs.BoolVar(&o.auditStdout, "audit-stdout", false, "also write every audit record to stdout as a JSON line, once it is on disk (for log shippers)")
 	o.admin.bind(fs, true)
+	o.mtls.bind(fs, true)
 	fs.BoolVar(&o.sdsRootsOnly, "sds-roots-only", false, "serve only the trust bundle (ROOTCA) over SDS on --grpc-addr, never workload keys (proxies then need the node agent)")
 	return cmd
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
+	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/rotation"
 	"github.com/meshca/meshca/internal/server"
 	"github.com/meshca/meshca/keystore"
@@ -97,6 +98,9 @@ type stack struct {
 	admin     *admin.Server
 	adminOpts adminOptions
 	keysRun   func(ctx context.Context) error
+	// mtlsStore is the mesh mTLS policy: the admin API edits it, SDS
+	// serves it (Current, Changed).
+	mtlsStore policy.Store
 	auditDir  string
 	log       *slog.Logger
 }
@@ -122,6 +126,8 @@ type stackConfig struct {
 	auditCommitDelay time.Duration
 	// admin configures the admin API and root rotation.
 	admin adminOptions
+	// mtls says where the mesh mTLS policy is kept.
+	mtls mtlsOptions
 	// registry holds the metrics; nil makes a new one.
 	registry *prometheus.Registry
 	log      *slog.Logger
@@ -201,11 +207,16 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if err != nil {
 		return nil, err
 	}
+	mtlsStore, err := buildMTLSStore(ctx, c, reg)
+	if err != nil {
+		return nil, err
+	}
 	svc, err := certservice.New(certservice.Config{Authenticator: c.authn, Issuer: authority, Ledger: ledger, Logger: c.log, Metrics: reg})
 	if err != nil {
 		return nil, err
 	}
-	secrets, err := casource.New(casource.Config{Authority: authority, TTL: c.ca.leafTTL, RootsOnly: c.sdsRootsOnly, Ledger: ledger, Logger: c.log})
+	secrets, err := casource.New(casource.Config{Authority: authority, TTL: c.ca.leafTTL, RootsOnly: c.sdsRootsOnly, Ledger: ledger,
+		Policy: mtlsStore, Logger: c.log})
 	if err != nil {
 		return nil, err
 	}
@@ -229,6 +240,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 	if r, ok := c.authn.(readier); ok {
 		ready["identity"] = r.Ready
 	}
+	ready["mtls-policy"] = mtlsReadiness(mtlsStore)
 	srv, err := server.New(server.Config{
 		GRPCAddr:       c.listen.grpcAddr,
 		MonitorAddr:    c.listen.monitorAddr,
@@ -246,7 +258,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		return nil, err
 	}
 	st := &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv,
-		ledger: ledger, adminOpts: c.admin, keysRun: c.keysRun, auditDir: c.auditDir, log: c.log}
+		ledger: ledger, adminOpts: c.admin, keysRun: c.keysRun, mtlsStore: mtlsStore, auditDir: c.auditDir, log: c.log}
 	if err := st.buildAdmin(c); err != nil {
 		return nil, err
 	}
@@ -267,6 +279,11 @@ func (s *stack) buildAdmin(c stackConfig) error {
 		s.rotator = rot
 		routes = append(routes, admin.RootRoutes(rot)...)
 	}
+	mtlsRoutes, err := s.mtlsRoutes(c)
+	if err != nil {
+		return err
+	}
+	routes = append(routes, mtlsRoutes...)
 	cfg := admin.Config{Routes: routes, Local: admin.LocalAuthorizer{}, Ledger: s.ledger, Logger: c.log}
 	if c.admin.addr != "" {
 		k, ok := c.authn.(*kubeAuth)
@@ -318,6 +335,7 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 	g.Go(func() error { return s.server.Serve(ctx) })
 	g.Go(func() error { return s.secrets.Run(ctx) })
 	g.Go(func() error { return s.ledger.Run(ctx) })
+	g.Go(func() error { return s.mtlsStore.Run(ctx) })
 	g.Go(func() error {
 		return keepRootHistory(ctx, s.authority, filepath.Join(s.auditDir, auditRootsFile), s.log)
 	})

@@ -34,8 +34,9 @@ const (
 )
 
 // stack is the part of a meshca server that does the work per request: a
-// self-managed P-256 CA on an in-memory keystore and the development token
-// authenticator, wired as cmd/meshca wires them, metrics included.
+// self-managed P-256 CA (on an in-memory keystore unless given one) and the
+// development token authenticator, wired as cmd/meshca wires them, metrics
+// included.
 type stack struct {
 	authority *ca.Authority
 	tokens    *devtoken.Authority
@@ -43,7 +44,7 @@ type stack struct {
 	dir       string // holds the CA journal; removed by close
 }
 
-func newStack(ctx context.Context) (_ *stack, err error) {
+func newStack(ctx context.Context, keys ca.KeyStore, perReplica bool) (_ *stack, err error) {
 	// The self-managed CA records its state in a journal file even when its
 	// keys are in memory; a private temporary directory keeps it away from
 	// anything real.
@@ -57,11 +58,15 @@ func newStack(ctx context.Context) (_ *stack, err error) {
 		}
 	}()
 	discard := slog.New(slog.DiscardHandler)
+	if keys == nil {
+		keys = memory.New()
+	}
 	src, err := ca.NewSelfManaged(ca.SelfManagedConfig{
-		TrustDomain: TrustDomain,
-		Keys:        memory.New(),
-		JournalPath: filepath.Join(dir, "ca-journal.json"),
-		Logger:      discard,
+		TrustDomain:             TrustDomain,
+		Keys:                    keys,
+		JournalPath:             filepath.Join(dir, "ca-journal.json"),
+		PerReplicaIntermediates: perReplica,
+		Logger:                  discard,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("loadgen: %w", err)
@@ -125,13 +130,17 @@ type ServerOptions struct {
 	Audit bool
 	// AuditCommitDelay is the ledger's audit.Config.CommitDelay.
 	AuditCommitDelay time.Duration
+	// Keys holds the CA's keys; nil is an in-memory keystore.
+	Keys ca.KeyStore
+	// PerReplicaIntermediates is the CA's SelfManagedConfig option.
+	PerReplicaIntermediates bool
 }
 
 // StartServer starts a Server listening on 127.0.0.1 (ports picked by the
 // kernel). Close stops it. The CA's maintenance loop is not run: its
 // intermediate lives 48h, far longer than any benchmark.
 func StartServer(ctx context.Context, opts ServerOptions) (_ *Server, err error) {
-	st, err := newStack(ctx)
+	st, err := newStack(ctx, opts.Keys, opts.PerReplicaIntermediates)
 	if err != nil {
 		return nil, err
 	}

@@ -11,6 +11,7 @@
 package loadgen
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -30,6 +31,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/meshca/meshca/ca"
 )
 
 // Defaults and limits of Config.
@@ -62,6 +65,11 @@ type Config struct {
 	// AuditCommitDelay is the ledger's audit.Config.CommitDelay (0: its
 	// default).
 	AuditCommitDelay time.Duration
+	// Keys and PerReplicaIntermediates shape the in-process server's CA
+	// (ServerOptions); KeysName names the keystore in the report.
+	Keys                    ca.KeyStore
+	PerReplicaIntermediates bool
+	KeysName                string
 	// Addr is the target's gRPC address. Only loopback addresses are
 	// accepted: this tool saturates what it points at.
 	Addr string
@@ -189,8 +197,10 @@ func checkLoopback(addr string) error {
 
 // Result is the outcome of a run.
 type Result struct {
-	Target      string
-	InProcess   bool
+	Target    string
+	InProcess bool
+	// Keys names the in-process server's keystore.
+	Keys        string
 	GOMAXPROCS  int
 	Concurrency int
 	Connections int
@@ -287,6 +297,7 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 	log := cfg.Logger
 	res := Result{
 		InProcess:   cfg.InProcess,
+		Keys:        cmp.Or(cfg.KeysName, "in-memory"),
 		GOMAXPROCS:  runtime.GOMAXPROCS(0),
 		Concurrency: cfg.Concurrency,
 		Connections: cfg.Connections,
@@ -308,7 +319,8 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 		srv      *Server
 	)
 	if cfg.InProcess {
-		if srv, err = StartServer(ctx, ServerOptions{Audit: cfg.Audit, AuditCommitDelay: cfg.AuditCommitDelay}); err != nil {
+		if srv, err = StartServer(ctx, ServerOptions{Audit: cfg.Audit, AuditCommitDelay: cfg.AuditCommitDelay,
+			Keys: cfg.Keys, PerReplicaIntermediates: cfg.PerReplicaIntermediates}); err != nil {
 			return res, err
 		}
 		// Deferred first, so it runs after the clients are closed and the
@@ -320,7 +332,7 @@ func Run(ctx context.Context, cfg Config) (_ Result, err error) {
 		cfg.Addr, cfg.TrustBundle, ref, refToken = srv.Addr(), srv.TrustBundle(), srv.stack, cfg.Token
 		log.Info("started the in-process server", "addr", cfg.Addr)
 	} else {
-		if ref, err = newStack(ctx); err != nil {
+		if ref, err = newStack(ctx, nil, false); err != nil {
 			return res, err
 		}
 		defer func() { err = errors.Join(err, ref.close()) }()

@@ -20,7 +20,7 @@ func (r *Result) WriteText(w io.Writer) error {
 	p("machine\t%d CPUs, GOMAXPROCS %d, %s %s/%s", runtime.NumCPU(), r.GOMAXPROCS, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 	target := r.Target
 	if r.InProcess {
-		target += " (in-process server: self-managed P-256 CA, in-memory keys, dev token authenticator)"
+		target += " (in-process server: self-managed P-256 CA, " + r.Keys + " keys, dev token authenticator)"
 	}
 	p("target\t%s", target)
 	p("client keys\t%d P-256 keys and CSRs generated in %s before timing (the client's cost, not the CA's)",
