@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -188,4 +189,69 @@ func mustPublicKeyPEM(t *testing.T, c *x509.Certificate) []byte {
 		t.Fatal(err)
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+}
+
+// TestServerVaultOutage: with Vault stopped, leaves keep coming from the
+// replica's intermediate, renewal fails visibly (/readyz degraded, a
+// metric) and is retried, a root operation fails as unavailable; once Vault
+// is back, renewal and root operations recover without a restart.
+func TestServerVaultOutage(t *testing.T) {
+	v := vaulttest.StartWith(t, vaulttest.Options{Persistent: true})
+	dir := t.TempDir()
+	// A 70s intermediate, backdated 1 minute, is due for renewal 5s after
+	// it is signed and expires a minute later: the outage outlasts one
+	// renewal and ends well before expiry.
+	srv := startServerProc(t, vaultServerArgs(t, v, dir, "--intermediate-ttl", "70s", "--leaf-ttl", "5s",
+		"--max-leaf-ttl", "5s", "--issuer-coverage", "1", "--ca-maintain-interval", "500ms")...)
+	readyz := "http://" + srv.monitor + "/readyz"
+	metrics := "http://" + srv.monitor + "/metrics"
+	sock := filepath.Join(dir, "admin", "admin.sock")
+	before, _ := issueLeaf(t, dir, srv.grpc, "before")
+
+	v.Stop(t)
+	testenv.Eventually(t, "/readyz reports the failing renewal", func() error {
+		body := httpGet(t, readyz, http.StatusOK)
+		if !strings.Contains(body, "[!] ca degraded") || !strings.Contains(body, "Vault unreachable") {
+			return fmt.Errorf("/readyz:\n%s", body)
+		}
+		return nil
+	})
+	if got := testenv.ScrapedValue(t, metrics, "meshca_ca_maintenance_failing", nil); got != 1 {
+		t.Fatalf("meshca_ca_maintenance_failing = %v during the outage, want 1", got)
+	}
+	during, roots := issueLeaf(t, dir, srv.grpc, "during")
+	if !during[1].Equal(before[1]) {
+		t.Fatal("the intermediate changed while Vault was down")
+	}
+	if _, _, err := x509svid.Verify(during, bundleOf(roots)); err != nil {
+		t.Fatalf("leaf issued during the outage does not verify: %v", err)
+	}
+	err := admin.NewUnixClient(sock).Do(context.Background(), http.MethodPost, "/v1/roots/prepare", admin.StepRequest{}, nil)
+	var apiErr *admin.APIError
+	if !errors.As(err, &apiErr) || apiErr.HTTPStatus != http.StatusServiceUnavailable || !strings.Contains(err.Error(), "unavailable") {
+		t.Fatalf("root prepare with Vault down: %v, want 503 naming the unavailable keystore", err)
+	}
+	t.Logf("root prepare with Vault down: %v", err)
+
+	v.Restart(t)
+	testenv.Eventually(t, "renewal recovers once Vault is back", func() error {
+		body := httpGet(t, readyz, http.StatusOK)
+		if strings.Contains(body, "degraded") {
+			return fmt.Errorf("/readyz:\n%s", body)
+		}
+		return nil
+	})
+	if got := testenv.ScrapedValue(t, metrics, "meshca_ca_maintenance_failing", nil); got != 0 {
+		t.Fatalf("meshca_ca_maintenance_failing = %v after recovery, want 0", got)
+	}
+	after, roots := issueLeaf(t, dir, srv.grpc, "after")
+	if after[1].Equal(before[1]) {
+		t.Fatal("no new intermediate after Vault came back")
+	}
+	if _, _, err := x509svid.Verify(after, bundleOf(roots)); err != nil {
+		t.Fatalf("leaf after recovery does not verify: %v", err)
+	}
+	if err := admin.NewUnixClient(sock).Do(context.Background(), http.MethodPost, "/v1/roots/prepare", admin.StepRequest{}, nil); err != nil {
+		t.Fatalf("root prepare after Vault came back: %v", err)
+	}
 }
