@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/jonboulle/clockwork"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
@@ -47,7 +48,10 @@ type devOptions struct {
 	admin   adminOptions
 	mtls    mtlsOptions
 	dataDir string
-	sds     devSDSOptions
+	// keystore is disk (in the data directory) or vault.
+	keystore string
+	vault    vaultOptions
+	sds      devSDSOptions
 }
 
 // devSDSOptions configure the node agent dev runs in process.
@@ -86,15 +90,11 @@ one with --sds-token-file.`,
 			if err := os.MkdirAll(o.dataDir, 0o700); err != nil {
 				return err
 			}
-			passFile, err := ensureDevPassphrase(filepath.Join(o.dataDir, devPassphraseFile))
-			if err != nil {
-				return err
-			}
-			keys, err := openDiskKeystore(filepath.Join(o.dataDir, devKeysDir), passFile, log)
-			if err != nil {
-				return err
-			}
 			reg := newRegistry()
+			keys, err := o.openKeystore(ctx, reg, log)
+			if err != nil {
+				return err
+			}
 			var (
 				authn  identity.Authenticator
 				tokens *devtoken.Authority
@@ -115,8 +115,8 @@ one with --sds-token-file.`,
 			if o.admin.socket == "" {
 				o.admin.socket = filepath.Join(o.dataDir, "admin", "admin.sock")
 			}
-			st, err := buildStack(ctx, stackConfig{ca: o.ca, listen: o.listen, keys: keys,
-				journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, registry: reg,
+			st, err := buildStack(ctx, stackConfig{ca: o.ca, listen: o.listen, keys: keys.keys,
+				perReplica: keys.perReplica, keysRun: keys.run, journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, registry: reg,
 				auditDir: filepath.Join(o.dataDir, devAuditDir), admin: o.admin, log: log,
 				mtls: o.mtls.inDataDir(o.dataDir)})
 			if err != nil {
@@ -146,12 +146,32 @@ one with --sds-token-file.`,
 	o.kube.bind(fs, "authenticate workloads with TokenReview in this cluster instead of the development token issuer", false)
 	o.admin.bind(fs, false)
 	o.mtls.bind(fs, false)
+	fs.StringVar(&o.keystore, "keystore", "disk", "where the CA's keys live: disk (encrypted in <data-dir>/keys, with a generated passphrase) or vault (HashiCorp Vault Transit; see the --vault-* flags)")
+	o.vault.bind(fs)
 	fs.StringVar(&o.sds.socket, "sds-socket", "", `Unix socket on which the in-process node agent serves SDS to Envoy (default <data-dir>/sds/agent.sock; "" runs no agent)`)
 	fs.StringVar(&o.sds.namespace, "sds-namespace", "default", "namespace of the agent's workload")
 	fs.StringVar(&o.sds.account, "sds-service-account", "default", "service account of the agent's workload")
 	fs.StringVar(&o.sds.tokenFile, "sds-token-file", "", "token the agent presents, re-read for every request (default: a development token minted into <data-dir>/sds/token and renewed; required with --kubeconfig)")
 	cmd.AddCommand(newDevTokenCommand())
 	return cmd
+}
+
+// openKeystore opens dev's keystore: the disk one in the data directory,
+// or Vault as meshca server would use it.
+func (o *devOptions) openKeystore(ctx context.Context, reg prometheus.Registerer, log *slog.Logger) (openedKeystore, error) {
+	switch o.keystore {
+	case "disk":
+		passFile, err := ensureDevPassphrase(filepath.Join(o.dataDir, devPassphraseFile))
+		if err != nil {
+			return openedKeystore{}, err
+		}
+		keys, err := openDiskKeystore(filepath.Join(o.dataDir, devKeysDir), passFile, log)
+		return openedKeystore{keys: keys}, err
+	case "vault":
+		return o.vault.openKeystore(ctx, reg, log)
+	default:
+		return openedKeystore{}, fmt.Errorf("--keystore must be disk or vault, not %q", o.keystore)
+	}
 }
 
 // ensureDevPassphrase creates a random keystore passphrase on first use. A
@@ -182,10 +202,14 @@ func printDevBanner(w io.Writer, o *devOptions, st *stack, plan *devAgentPlan) {
 	}
 	bundle := filepath.Join(o.dataDir, devBundleFile)
 	root := st.authority.Issuer().Roots[0]
-	tokens := "tokens come from a local development\nissuer, and the keystore passphrase sits next to the keys"
+	keys := ", and the keystore passphrase sits next to the keys"
+	if o.keystore == "vault" {
+		keys = ";\nthe root key is in Vault at " + o.vault.addr
+	}
+	tokens := "tokens come from a local development\nissuer" + keys
 	mint := fmt.Sprintf("%s dev token --data-dir %s --namespace default --service-account web > web.token", self, o.dataDir)
 	if o.kube.kubeconfig != "" {
-		tokens = "tokens are reviewed by the cluster of\n" + o.kube.kubeconfig + ", and the keystore passphrase sits next to the keys"
+		tokens = "tokens are reviewed by the cluster of\n" + o.kube.kubeconfig + keys
 		mint = fmt.Sprintf("kubectl --kubeconfig %s -n default create token web --audience %s > web.token",
 			o.kube.kubeconfig, strings.Join(o.kube.audiences, ","))
 	}

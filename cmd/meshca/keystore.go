@@ -53,7 +53,11 @@ func (o *keystoreOptions) bind(fs *pflag.FlagSet, withMemory bool) {
 	fs.StringVar(&o.dir, "keystore-dir", "", "disk keystore directory (default <data-dir>/keys)")
 	fs.StringVar(&o.passphraseFile, "keystore-passphrase-file", "", "file holding the disk keystore's passphrase")
 	fs.StringVar(&o.intermediates, "intermediates", "", "shared (one intermediate in the journal, its key in the keystore) or per-replica (each server process signs its own intermediate key, kept in memory, with the root; leaf issuance never calls the keystore); default: shared for disk, per-replica for vault")
-	v := &o.vault
+	o.vault.bind(fs)
+}
+
+// bind adds the --vault-* flags.
+func (v *vaultOptions) bind(fs *pflag.FlagSet) {
 	fs.StringVar(&v.addr, "vault-addr", os.Getenv("VAULT_ADDR"), "Vault's address, https://host:8200 (plain http only on loopback); default $VAULT_ADDR")
 	fs.StringVar(&v.mount, "vault-mount", vault.DefaultMount, "path of the Transit secrets engine")
 	fs.StringVar(&v.keyPrefix, "vault-key-prefix", "meshca-", "prefix of meshca's Transit key names, so a Vault policy can be scoped to them")
@@ -98,11 +102,10 @@ func (o *keystoreOptions) open(ctx context.Context, dataDir string, reg promethe
 		}
 		k.keys = store
 	case "vault":
-		store, err := o.vault.open(ctx, reg, log)
-		if err != nil {
+		var err error
+		if k, err = o.vault.openKeystore(ctx, reg, log); err != nil {
 			return k, err
 		}
-		k.keys, k.run, k.perReplica = store, store.Run, true
 	default:
 		return k, fmt.Errorf("--keystore must be disk or vault, not %q", o.backend)
 	}
@@ -149,6 +152,16 @@ func (v *vaultOptions) config(reg prometheus.Registerer, log *slog.Logger) (vaul
 		return cfg, fmt.Errorf("--vault-auth must be kubernetes, approle or token, not %q", v.auth)
 	}
 	return cfg, nil
+}
+
+// openKeystore opens the vault keystore with per-replica intermediates,
+// so that leaf issuance never waits on Vault.
+func (v *vaultOptions) openKeystore(ctx context.Context, reg prometheus.Registerer, log *slog.Logger) (openedKeystore, error) {
+	store, err := v.open(ctx, reg, log)
+	if err != nil {
+		return openedKeystore{}, err
+	}
+	return openedKeystore{keys: store, run: store.Run, perReplica: true}, nil
 }
 
 func (v *vaultOptions) open(ctx context.Context, reg prometheus.Registerer, log *slog.Logger) (*vault.Store, error) {

@@ -44,6 +44,8 @@ type mesh struct {
 	addr    string
 	proc    *exec.Cmd
 	socket  string
+	// extra are more flags for meshca dev.
+	extra []string
 
 	workloads []*workload
 
@@ -73,7 +75,13 @@ func freeAddr(t *testing.T) string {
 
 func startMesh(t *testing.T, names ...string) *mesh {
 	t.Helper()
-	m := &mesh{t: t, dataDir: t.TempDir(), addr: freeAddr(t)}
+	return startMeshWith(t, nil, names...)
+}
+
+// startMeshWith is startMesh with more flags for meshca dev.
+func startMeshWith(t *testing.T, extra []string, names ...string) *mesh {
+	t.Helper()
+	m := &mesh{t: t, dataDir: t.TempDir(), addr: freeAddr(t), extra: extra}
 	m.socket = filepath.Join(m.dataDir, "admin", "admin.sock")
 	m.start()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -88,7 +96,8 @@ func startMesh(t *testing.T, names ...string) *mesh {
 // start runs meshca dev on the mesh's port and waits for its admin socket.
 func (m *mesh) start() {
 	m.t.Helper()
-	m.proc, _ = meshcaProcess(m.t, m.dataDir, "--grpc-addr", m.addr, "--leaf-ttl", rotationLeafTTL, "--max-leaf-ttl", rotationLeafTTL)
+	args := append([]string{"--grpc-addr", m.addr, "--leaf-ttl", rotationLeafTTL, "--max-leaf-ttl", rotationLeafTTL}, m.extra...)
+	m.proc, _ = meshcaProcess(m.t, m.dataDir, args...)
 	// A killed server leaves its socket file behind: wait for an answer.
 	testenv.Eventually(m.t, "the admin API", func() error {
 		return admin.NewUnixClient(m.socket).Do(context.Background(), "GET", "/v1/roots", nil, nil)
@@ -317,7 +326,12 @@ func rootsOf(st rotation.Status) map[string]string {
 // command while its workloads keep connecting to each other: not one
 // handshake fails, and afterwards everything chains to the new root only.
 func TestRootRotationUnderTraffic(t *testing.T) {
-	m := startMesh(t, "web", "cart", "db")
+	rotateUnderTraffic(t, startMesh(t, "web", "cart", "db"))
+}
+
+// rotateUnderTraffic runs `meshca root rotate` on m while its workloads
+// connect to each other, and checks the outcome.
+func rotateUnderTraffic(t *testing.T, m *mesh) {
 	before := m.status()
 	oldRoot := rootsOf(before)[rotation.SlotCurrent]
 	m.startTraffic()

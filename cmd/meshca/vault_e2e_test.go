@@ -37,16 +37,24 @@ path "auth/token/lookup-self" { capabilities = ["read"] }
 path "auth/token/renew-self" { capabilities = ["update"] }
 `
 
-// vaultServerArgs are the flags of a dev-token server whose CA keys live in
-// v, logging in with a token that holds only the documented policy.
-func vaultServerArgs(t *testing.T, v *vaulttest.Vault, dir string, extra ...string) []string {
+// vaultArgs are the flags of a keystore in v, logging in with a token that
+// holds only the documented policy.
+func vaultArgs(t *testing.T, v *vaulttest.Vault) []string {
 	t.Helper()
 	v.WritePolicy(t, "meshca-keys", vaultKeysPolicy)
 	token := v.CreateToken(t, &api.TokenCreateRequest{Policies: []string{"meshca-keys"}, NoDefaultPolicy: true, TTL: "1h"})
-	return append([]string{"--data-dir", dir, "--keystore", "vault", "--vault-addr", v.Addr(), "--vault-ca-file", v.CAFile(),
-		"--vault-auth", "token", "--vault-token-file", writeFile(t, "vault-token", []byte(token)),
-		"--authenticator", "dev", "--dev-token-key", filepath.Join(dir, "dev-token-key.pem"),
-		"--bundle-out", filepath.Join(dir, "bundle.pem")}, extra...)
+	return []string{"--keystore", "vault", "--vault-addr", v.Addr(), "--vault-ca-file", v.CAFile(),
+		"--vault-auth", "token", "--vault-token-file", writeFile(t, "vault-token", []byte(token))}
+}
+
+// vaultServerArgs are the flags of a dev-token server whose CA keys live in
+// v.
+func vaultServerArgs(t *testing.T, v *vaulttest.Vault, dir string, extra ...string) []string {
+	t.Helper()
+	args := append([]string{"--data-dir", dir}, vaultArgs(t, v)...)
+	args = append(args, "--authenticator", "dev", "--dev-token-key", filepath.Join(dir, "dev-token-key.pem"),
+		"--bundle-out", filepath.Join(dir, "bundle.pem"))
+	return append(args, extra...)
 }
 
 // vaultSigns is how many signatures the server asked Vault for.
@@ -253,5 +261,32 @@ func TestServerVaultOutage(t *testing.T) {
 	}
 	if err := admin.NewUnixClient(sock).Do(context.Background(), http.MethodPost, "/v1/roots/prepare", admin.StepRequest{}, nil); err != nil {
 		t.Fatalf("root prepare after Vault came back: %v", err)
+	}
+}
+
+// TestRootRotationWithVault is TestRootRotationUnderTraffic with the root
+// keys in Vault: the new root is made and self-signed there, and the
+// retired root's key is deleted from it.
+func TestRootRotationWithVault(t *testing.T) {
+	v := vaulttest.Start(t)
+	m := startMeshWith(t, vaultArgs(t, v), "web", "cart")
+	j, err := ca.LoadJournal(filepath.Join(m.dataDir, devJournalFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldKey := "transit/keys/meshca-" + j.Current.RootKeyID + ".ecdsa-p256"
+	if v.Read(t, oldKey) == nil {
+		t.Fatalf("root key %s is not in Vault", j.Current.RootKeyID)
+	}
+	rotateUnderTraffic(t, m)
+	j, err = ca.LoadJournal(filepath.Join(m.dataDir, devJournalFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Read(t, "transit/keys/meshca-"+j.Current.RootKeyID+".ecdsa-p256") == nil {
+		t.Fatalf("the new root key %s is not in Vault", j.Current.RootKeyID)
+	}
+	if v.Read(t, oldKey) != nil {
+		t.Fatal("the retired root's key is still in Vault")
 	}
 }
