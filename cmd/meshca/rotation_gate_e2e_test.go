@@ -338,6 +338,9 @@ func checkActivateAudit(t *testing.T, dataDir string, runs []execResult) {
 			t.Errorf("run %d was refused, but its record says %q: %s", i+1, outcome.Result, outcome.Detail)
 		case run.err != nil && !strings.Contains(run.stderr, outcome.Detail):
 			t.Errorf("run %d: the record's reason %q is not the one the command printed", i+1, outcome.Detail)
+		case run.err == nil && strings.Contains(run.stderr, "WARNING:") &&
+			(!strings.Contains(outcome.Detail, "WARNING: activate forced") || !strings.Contains(started.Detail, `"force":true`)):
+			t.Errorf("run %d was forced, but its records do not say so: %q, %q", i+1, started.Detail, outcome.Detail)
 		}
 	}
 }

@@ -13,6 +13,7 @@
 package admin
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -205,6 +206,27 @@ func (s *Server) handler(authz Authorizer) http.Handler {
 	return mux
 }
 
+// AuditDetailer is a result with something to add to the audit record of
+// the action that produced it, such as the warnings of a forced step.
+type AuditDetailer interface {
+	AuditDetail() string
+}
+
+// requestDetail is the path and compacted JSON body of a request, for its
+// audit record, leaving the body readable for the handler.
+func requestDetail(r *http.Request) (string, error) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return "", fmt.Errorf("%w: reading the request: %w", ErrInvalid, err)
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	var compact bytes.Buffer
+	if len(bytes.TrimSpace(body)) == 0 || json.Compact(&compact, body) != nil || compact.String() == "{}" {
+		return r.URL.Path, nil
+	}
+	return r.URL.Path + " " + compact.String(), nil
+}
+
 func (s *Server) serve(w http.ResponseWriter, r *http.Request, authz Authorizer, rt Route) {
 	ctx := r.Context()
 	principal, err := authz.Authorize(r, rt.Action)
@@ -215,8 +237,16 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, authz Authorizer,
 		return
 	}
 	if rt.Mutates {
+		// The request body (a mode, names, force) is part of what was
+		// asked, so it goes into the record; the handler reads a copy.
+		detail, err := requestDetail(r)
+		if err != nil {
+			s.record(ctx, r, audit.Record{Actor: principal, Action: rt.Action.String(), Target: rt.Target, Result: "failed", Detail: err.Error()})
+			writeError(w, err)
+			return
+		}
 		// Nothing is done that the ledger has not first recorded.
-		if err := s.record(ctx, r, audit.Record{Actor: principal, Action: rt.Action.String(), Target: rt.Target, Result: "started", Detail: r.URL.Path}); err != nil {
+		if err := s.record(ctx, r, audit.Record{Actor: principal, Action: rt.Action.String(), Target: rt.Target, Result: "started", Detail: detail}); err != nil {
 			writeError(w, fmt.Errorf("%w: the audit ledger is unavailable, so nothing was done: %w", ErrUnavailable, err))
 			return
 		}
@@ -224,6 +254,11 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, authz Authorizer,
 	out, err := rt.Handler(ctx, r)
 	if rt.Mutates {
 		rec := audit.Record{Actor: principal, Action: rt.Action.String(), Target: rt.Target, Result: "ok", Detail: r.URL.Path}
+		if d, ok := out.(AuditDetailer); ok && err == nil {
+			if extra := d.AuditDetail(); extra != "" {
+				rec.Detail += ": " + extra
+			}
+		}
 		if err != nil {
 			rec.Result, rec.Detail = "failed", err.Error()
 		}

@@ -206,6 +206,15 @@ type Status struct {
 	At time.Time `json:"at"`
 }
 
+// AuditDetail is what a step adds to its audit record: the warnings of a
+// forced step.
+func (s Status) AuditDetail() string {
+	if len(s.Warnings) == 0 {
+		return ""
+	}
+	return "WARNING: " + strings.Join(s.Warnings, "; ")
+}
+
 // Status reports the rotation's state and gates.
 func (r *Rotator) Status(ctx context.Context) (Status, error) {
 	rot, err := r.cfg.CA.Rotation()
