@@ -271,16 +271,20 @@ func TestKeystoreOutage(t *testing.T) {
 		t.Fatalf("a failed prepare left phase %s", r.Phase)
 	}
 
-	// Past half-life, renewal is due and fails; retries come after 1s, 2s, 4s.
-	clock.Advance(12*time.Hour + time.Second)
+	// Past half-life, renewal is due and fails at the next maintenance
+	// tick; retries come after 1s, 2s, 4s.
 	if err := clock.BlockUntilContext(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	clock.Advance(10 * time.Second) // the regular maintenance tick
+	clock.Advance(12*time.Hour + time.Second)
 	f := waitFailing(t, a, 1)
 	for i, want := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second} {
 		if got := f.NextRetry.Sub(clock.Now()); got != want {
 			t.Fatalf("retry %d after %s, want %s", i+1, got, want)
+		}
+		// The retry timer is re-armed just after the failure is recorded.
+		if err := clock.BlockUntilContext(ctx, 1); err != nil {
+			t.Fatal(err)
 		}
 		clock.Advance(want)
 		f = waitFailing(t, a, i+2)
@@ -296,6 +300,9 @@ func TestKeystoreOutage(t *testing.T) {
 	}
 
 	keys.down.Store(false)
+	if err := clock.BlockUntilContext(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
 	clock.Advance(f.NextRetry.Sub(clock.Now()))
 	deadline := time.Now().Add(10 * time.Second)
 	for a.Failing() != nil || a.Issuer().Cert.Equal(old.Cert) {
