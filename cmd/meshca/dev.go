@@ -115,7 +115,12 @@ one with --sds-token-file.`,
 			if o.admin.socket == "" {
 				o.admin.socket = filepath.Join(o.dataDir, "admin", "admin.sock")
 			}
-			st, err := buildStack(ctx, stackConfig{ca: o.ca, listen: o.listen, keys: keys.keys,
+			// Two dev servers on one data directory take turns at rotation.
+			elector, err := fileElector(o.dataDir, reg, log)
+			if err != nil {
+				return err
+			}
+			st, err := buildStack(ctx, stackConfig{ca: o.ca, listen: o.listen, keys: keys.keys, elector: elector,
 				perReplica: keys.perReplica, keysRun: keys.run, journalPath: filepath.Join(o.dataDir, devJournalFile), authn: authn, registry: reg,
 				auditDir: filepath.Join(o.dataDir, devAuditDir), admin: o.admin, log: log,
 				mtls: o.mtls.inDataDir(o.dataDir)})

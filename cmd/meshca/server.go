@@ -21,6 +21,7 @@ type serverOptions struct {
 	listen        listenOptions
 	dataDir       string
 	keys          keystoreOptions
+	replicas      replicaOptions
 	authenticator string
 	kube          kubeOptions
 	devTokenKey   string
@@ -71,6 +72,9 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 			if c.authn, err = o.buildAuthenticator(ctx, c.registry, log); err != nil {
 				return err
 			}
+			if c.elector, c.journal, err = o.replicas.build(c.authn, o.listen.namespace, o.dataDir, c.registry, log); err != nil {
+				return err
+			}
 			st, err := buildStack(ctx, c)
 			if err != nil {
 				return err
@@ -83,6 +87,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	o.listen.bind(fs, "", []string{"meshca", "meshca.meshca-system", "meshca.meshca-system.svc", "localhost"}, []string{"127.0.0.1"})
 	fs.StringVar(&o.dataDir, "data-dir", "/var/lib/meshca", "directory for the CA journal and, by default, the disk keystore")
 	o.keys.bind(fs, false)
+	o.replicas.bind(fs)
 	fs.StringVar(&o.authenticator, "authenticator", "kube", "how workload tokens are verified: kube (Kubernetes TokenReview) or dev (meshca's development token issuer)")
 	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")

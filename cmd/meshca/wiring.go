@@ -30,6 +30,7 @@ import (
 	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
+	"github.com/meshca/meshca/internal/leader"
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/rotation"
 	"github.com/meshca/meshca/internal/server"
@@ -98,6 +99,7 @@ type stack struct {
 	admin     *admin.Server
 	adminOpts adminOptions
 	keysRun   func(ctx context.Context) error
+	elector   leader.Elector
 	// mtlsStore is the mesh mTLS policy: the admin API edits it, SDS
 	// serves it (Current, Changed).
 	mtlsStore policy.Store
@@ -110,6 +112,11 @@ type stackConfig struct {
 	listen      listenOptions
 	keys        ca.KeyStore // used when ca.caDir is empty
 	journalPath string
+	// journal, when set, replaces the file at journalPath.
+	journal ca.JournalStore
+	// elector chooses the replica that drives root rotation; nil: this
+	// process alone.
+	elector leader.Elector
 	// perReplica gives this process its own in-memory intermediate.
 	perReplica bool
 	// keysRun, when set, keeps the keystore's credentials fresh.
@@ -178,7 +185,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 			return nil, fmt.Errorf("--key-type: %w", err)
 		}
 		src, err = ca.NewSelfManaged(ca.SelfManagedConfig{
-			TrustDomain: td, Keys: c.keys, JournalPath: c.journalPath, KeyType: kt, PerReplicaIntermediates: c.perReplica,
+			TrustDomain: td, Keys: c.keys, JournalPath: c.journalPath, Journal: c.journal, KeyType: kt, PerReplicaIntermediates: c.perReplica,
 			RootTTL: c.ca.rootTTL, IntermediateTTL: c.ca.intermediateTTL, Logger: c.log,
 		})
 	}
@@ -258,7 +265,7 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 		return nil, err
 	}
 	st := &stack{authority: authority, server: srv, registry: reg, authn: c.authn, secrets: secrets, sds: sdsSrv,
-		ledger: ledger, adminOpts: c.admin, keysRun: c.keysRun, mtlsStore: mtlsStore, auditDir: c.auditDir, log: c.log}
+		ledger: ledger, adminOpts: c.admin, keysRun: c.keysRun, elector: c.elector, mtlsStore: mtlsStore, auditDir: c.auditDir, log: c.log}
 	if err := st.buildAdmin(c); err != nil {
 		return nil, err
 	}
@@ -271,7 +278,7 @@ func (s *stack) buildAdmin(c stackConfig) error {
 	if c.ca.caDir == "" {
 		rot, err := rotation.New(rotation.Config{
 			CA: s.authority, Proxies: s.sds, Ledger: ledgerHoldings(s.ledger),
-			MinAcked: c.admin.minAcked, Schedule: c.admin.schedule, Logger: c.log, Metrics: s.registry,
+			MinAcked: c.admin.minAcked, Schedule: c.admin.schedule, Leader: c.elector, Logger: c.log, Metrics: s.registry,
 		})
 		if err != nil {
 			return err
@@ -322,6 +329,9 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 		g.Go(func() error { return s.rotator.Run(ctx) })
 	}
 	g.Go(func() error { return s.authority.Run(ctx) })
+	if s.elector != nil {
+		g.Go(func() error { return s.elector.Run(ctx) })
+	}
 	if s.keysRun != nil {
 		g.Go(func() error {
 			// Losing the keystore's credentials stops renewals, not

@@ -58,7 +58,8 @@ func rootErr(st rotation.Status, err error) (any, error) {
 	switch {
 	case err == nil:
 		return st, nil
-	case errors.Is(err, rotation.ErrBlocked), errors.Is(err, ca.ErrRotationPhase), errors.Is(err, ca.ErrRotationUnsupported):
+	case errors.Is(err, rotation.ErrBlocked), errors.Is(err, ca.ErrRotationPhase), errors.Is(err, ca.ErrRotationUnsupported),
+		errors.Is(err, rotation.ErrNotLeader), errors.Is(err, ca.ErrJournalConflict):
 		return statusOrNil(st), fmt.Errorf("%w: %w", ErrConflict, err)
 	default:
 		return statusOrNil(st), fmt.Errorf("%w: %w", ErrUnavailable, err)

@@ -71,6 +71,17 @@ func (f LedgerFunc) Valid(ctx context.Context, at time.Time) ([]Holding, error) 
 // which and what would lift them.
 var ErrBlocked = errors.New("rotation: blocked")
 
+// ErrNotLeader refuses a step on a replica that does not lead: one
+// replica drives rotation, the others follow the journal it writes.
+var ErrNotLeader = errors.New("rotation: not the leader")
+
+// Leadership says whether this replica leads (leader.Elector has it).
+type Leadership interface {
+	IsLeader() bool
+	// Leader names the replica that leads, if known.
+	Leader() string
+}
+
 // Schedule is the automatic rotation of the root.
 type Schedule struct {
 	// Enabled turns the schedule on (default off: root rotation is an
@@ -93,9 +104,12 @@ type Config struct {
 	Schedule Schedule
 	// Interval is how often Run checks the schedule (default 10s).
 	Interval time.Duration
-	Clock    clockwork.Clock
-	Logger   *slog.Logger
-	Metrics  prometheus.Registerer
+	// Leader, when set, confines steps and the schedule to the leader;
+	// nil means this process is the only one.
+	Leader  Leadership
+	Clock   clockwork.Clock
+	Logger  *slog.Logger
+	Metrics prometheus.Registerer
 }
 
 // Options qualify one step.
@@ -194,6 +208,8 @@ type Status struct {
 	ActivatedAt time.Time `json:"activatedAt,omitzero"`
 	// Proxies counts connected ROOTCA streams.
 	Proxies int `json:"connectedProxies"`
+	// Leader is the replica that drives rotation, when there are several.
+	Leader string `json:"leader,omitempty"`
 	// NextStep is the step the rotation is waiting for ("" when idle).
 	NextStep ca.Step `json:"nextStep,omitempty"`
 	// Blockers say why NextStep is not allowed yet; empty when it is.
@@ -242,6 +258,9 @@ func (r *Rotator) valid(ctx context.Context, now time.Time) ([]Holding, error) {
 func (r *Rotator) status(rot ca.Rotation, holdings []Holding, minAcked float64, now time.Time) Status {
 	streams := rootStreams(r.cfg.Proxies.Status())
 	st := Status{Phase: rot.Phase, PreparedAt: rot.PreparedAt, ActivatedAt: rot.ActivatedAt, Proxies: len(streams), At: now}
+	if r.cfg.Leader != nil {
+		st.Leader = r.cfg.Leader.Leader()
+	}
 
 	live := map[string]int{}
 	expireBy := map[string]time.Time{}
@@ -372,6 +391,9 @@ func short(fp string) string {
 func (r *Rotator) Step(ctx context.Context, step ca.Step, opts Options) (Status, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if err := r.leads(); err != nil {
+		return Status{}, err
+	}
 	rot, err := r.cfg.CA.Rotation()
 	if err != nil {
 		return Status{}, err
@@ -463,7 +485,21 @@ func (r *Rotator) Due(rot ca.Rotation, now time.Time) (ca.Step, bool) {
 	return "", false
 }
 
+// leads refuses when another replica leads.
+func (r *Rotator) leads() error {
+	if r.cfg.Leader == nil || r.cfg.Leader.IsLeader() {
+		return nil
+	}
+	if l := r.cfg.Leader.Leader(); l != "" {
+		return fmt.Errorf("%w: %s leads; run the step there", ErrNotLeader, l)
+	}
+	return fmt.Errorf("%w: no replica leads yet; retry shortly", ErrNotLeader)
+}
+
 func (r *Rotator) tick(ctx context.Context) (bool, error) {
+	if r.cfg.Leader != nil && !r.cfg.Leader.IsLeader() {
+		return false, nil
+	}
 	rot, err := r.cfg.CA.Rotation()
 	if err != nil {
 		return false, err

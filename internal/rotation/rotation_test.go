@@ -349,3 +349,69 @@ func TestScheduleRunsTheRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// leadership is a switchable rotation.Leadership.
+type leadership struct {
+	mu     sync.Mutex
+	leads  bool
+	leader string
+}
+
+func (l *leadership) set(leads bool, leader string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.leads, l.leader = leads, leader
+}
+
+func (l *leadership) IsLeader() bool { l.mu.Lock(); defer l.mu.Unlock(); return l.leads }
+func (l *leadership) Leader() string { l.mu.Lock(); defer l.mu.Unlock(); return l.leader }
+
+// Only the leader steps, by hand or on schedule; a follower names it.
+func TestOnlyTheLeaderSteps(t *testing.T) {
+	l := &leadership{}
+	e := newEnv(t, func(c *rotation.Config) { c.Leader = l; c.Schedule.Enabled = true; c.Interval = time.Hour })
+	ctx := context.Background()
+	for _, c := range []struct{ leader, want string }{{"", "no replica leads yet"}, {"meshca-1", "meshca-1 leads"}} {
+		l.set(false, c.leader)
+		_, err := e.rot.Step(ctx, ca.StepPrepare, rotation.Options{Force: true})
+		if !errors.Is(err, rotation.ErrNotLeader) || !strings.Contains(err.Error(), c.want) {
+			t.Fatalf("prepare on a follower: err = %v, want ErrNotLeader saying %q", err, c.want)
+		}
+	}
+	if st, err := e.rot.Status(ctx); err != nil || st.Leader != "meshca-1" {
+		t.Fatalf("status on a follower: leader %q, %v", st.Leader, err)
+	}
+
+	// Far past the prepare point, a follower's schedule does nothing.
+	r, _ := e.auth.Rotation()
+	e.clock.Advance(r.Current.NotAfter.Sub(e.clock.Now()) * 2 / 3)
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- e.rot.Run(runCtx) }()
+	for range 3 {
+		if err := e.clock.BlockUntilContext(runCtx, 1); err != nil {
+			t.Fatal(err)
+		}
+		e.clock.Advance(time.Hour)
+	}
+	if r, _ := e.auth.Rotation(); r.Phase != ca.PhaseIdle {
+		t.Fatalf("a follower's schedule stepped to %s", r.Phase)
+	}
+	l.set(true, "me")
+	for range 100 {
+		if r, _ := e.auth.Rotation(); r.Phase == ca.PhasePrepared {
+			break
+		}
+		if err := e.clock.BlockUntilContext(runCtx, 1); err != nil {
+			t.Fatal(err)
+		}
+		e.clock.Advance(time.Hour)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := e.auth.Rotation(); r.Phase != ca.PhasePrepared {
+		t.Fatalf("once leading, the schedule did not prepare: phase %s", r.Phase)
+	}
+}
