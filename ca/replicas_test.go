@@ -364,3 +364,27 @@ func TestFileJournalCompareAndSwap(t *testing.T) {
 		t.Fatalf("journal mode %v (%v), want 0600", fi.Mode(), err)
 	}
 }
+
+// An activation the keystore cannot sign for (the prepared root's key is
+// out of reach) records nothing: the phase stays prepared, on disk too.
+func TestActivateWithKeystoreDownChangesNothing(t *testing.T) {
+	clock := clockwork.NewFakeClockAt(start)
+	keys := &flakyKeys{Store: memory.New()}
+	path := filepath.Join(t.TempDir(), "j.json")
+	a := replica(t, keys, ca.FileJournal{Path: path}, clock, nil)
+	rotate(t, a, ca.StepPrepare)
+	keys.down.Store(true)
+	if _, err := a.Rotate(context.Background(), ca.StepActivate); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Fatalf("activate with the keystore down: err = %v, want keystore.ErrUnavailable", err)
+	}
+	if r, _ := a.Rotation(); r.Phase != ca.PhasePrepared {
+		t.Fatalf("phase in memory after a failed activate: %s", r.Phase)
+	}
+	if j, err := ca.LoadJournal(path); err != nil || j.Next == nil || len(j.Retiring) != 0 {
+		t.Fatalf("journal after a failed activate: %+v, %v; want still prepared", j, err)
+	}
+	keys.down.Store(false)
+	if r := rotate(t, a, ca.StepActivate); r.Phase != ca.PhaseActivated || !a.Issuer().Roots[0].Equal(r.Current) {
+		t.Fatalf("activate once the keystore is back: phase %s", r.Phase)
+	}
+}

@@ -57,8 +57,7 @@ type SelfManagedConfig struct {
 // renewed shared intermediate), and every write is a compare-and-swap on
 // the revision read, so two writers never silently undo each other.
 type SelfManaged struct {
-	cfg   SelfManagedConfig
-	store JournalStore
+	cfg SelfManagedConfig
 
 	mu      sync.Mutex
 	journal *Journal
@@ -97,7 +96,7 @@ func NewSelfManaged(cfg SelfManagedConfig) (*SelfManaged, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &SelfManaged{cfg: cfg, store: cfg.Journal}, nil
+	return &SelfManaged{cfg: cfg}, nil
 }
 
 // Load reads the journal, or creates a new root when there is none yet, and
@@ -135,7 +134,7 @@ func (s *SelfManaged) Maintain(ctx context.Context, now time.Time, current *Issu
 // reload reads the journal and adopts it when its revision differs from the
 // one in use.
 func (s *SelfManaged) reload(ctx context.Context) (changed bool, err error) {
-	data, rev, err := s.store.Load(ctx)
+	data, rev, err := s.cfg.Journal.Load(ctx)
 	if err != nil {
 		return false, err
 	}
@@ -164,7 +163,7 @@ func (s *SelfManaged) save(ctx context.Context, j *Journal) error {
 	if err != nil {
 		return err
 	}
-	rev, err := s.store.Save(ctx, data, s.rev)
+	rev, err := s.cfg.Journal.Save(ctx, data, s.rev)
 	if err != nil {
 		return err
 	}
@@ -246,14 +245,19 @@ func (s *SelfManaged) renew(ctx context.Context, now time.Time) (*Issuer, error)
 // signIntermediate signs a new intermediate with j.Current's root, puts it
 // in j.Current and saves j as the journal before it is used: a crash before
 // the save leaves the old state in force and at most an unused key behind.
-// With per-replica intermediates nothing is saved: j is saved as it is and
-// the intermediate stays in memory.
+// A per-replica intermediate stays in memory and j is saved as it is, once
+// the intermediate is signed: a keystore that cannot sign changes nothing.
 func (s *SelfManaged) signIntermediate(ctx context.Context, now time.Time, j *Journal) (*Issuer, error) {
 	if s.cfg.PerReplicaIntermediates {
+		l, err := s.newLocal(ctx, now, j.Current)
+		if err != nil {
+			return nil, err
+		}
 		if err := s.save(ctx, j); err != nil {
 			return nil, err
 		}
-		return s.signLocal(ctx, now)
+		s.local = l
+		return s.localIssuer()
 	}
 	slot := j.Current
 	id := newKeyID("intermediate", now)
@@ -278,9 +282,19 @@ func (s *SelfManaged) signIntermediate(ctx context.Context, now time.Time, j *Jo
 }
 
 // signLocal makes this replica's intermediate under the journal's current
-// root. Only the root's signature involves the keystore.
+// root and uses it.
 func (s *SelfManaged) signLocal(ctx context.Context, now time.Time) (*Issuer, error) {
-	slot := s.journal.Current
+	l, err := s.newLocal(ctx, now, s.journal.Current)
+	if err != nil {
+		return nil, err
+	}
+	s.local = l
+	return s.localIssuer()
+}
+
+// newLocal signs a per-replica intermediate under slot's root. Only the
+// root's signature involves the keystore.
+func (s *SelfManaged) newLocal(ctx context.Context, now time.Time, slot *Slot) (*localIntermediate, error) {
 	key, err := keystore.Generate(s.cfg.KeyType)
 	if err != nil {
 		return nil, fmt.Errorf("ca: create intermediate key: %w", err)
@@ -289,10 +303,9 @@ func (s *SelfManaged) signLocal(ctx context.Context, now time.Time) (*Issuer, er
 	if err != nil {
 		return nil, err
 	}
-	s.local = &localIntermediate{rootKeyID: slot.RootKeyID, cert: cert, key: key}
 	s.cfg.Logger.Info("signed this replica's intermediate CA", "notAfter", cert.NotAfter,
 		"fingerprint", Fingerprint(cert), "root", slot.RootKeyID)
-	return s.localIssuer()
+	return &localIntermediate{rootKeyID: slot.RootKeyID, cert: cert, key: key}, nil
 }
 
 func (s *SelfManaged) localIssuer() (*Issuer, error) {
