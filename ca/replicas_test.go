@@ -273,21 +273,16 @@ func TestKeystoreOutage(t *testing.T) {
 
 	// Past half-life, renewal is due and fails at the next maintenance
 	// tick; retries come after 1s, 2s, 4s.
-	if err := clock.BlockUntilContext(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	clock.Advance(12*time.Hour + time.Second)
-	f := waitFailing(t, a, 1)
+	pass(t, ctx, clock, 12*time.Hour+time.Second)
 	for i, want := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second} {
+		f := a.Failing()
+		if f == nil || f.Attempts != i+1 {
+			t.Fatalf("after %d failed passes: %+v", i+1, f)
+		}
 		if got := f.NextRetry.Sub(clock.Now()); got != want {
 			t.Fatalf("retry %d after %s, want %s", i+1, got, want)
 		}
-		// The retry timer is re-armed just after the failure is recorded.
-		if err := clock.BlockUntilContext(ctx, 1); err != nil {
-			t.Fatal(err)
-		}
-		clock.Advance(want)
-		f = waitFailing(t, a, i+2)
+		pass(t, ctx, clock, want)
 	}
 	if got := testenv.GatheredValue(t, reg, "meshca_ca_maintenance_failing", nil); got != 1 {
 		t.Fatalf("meshca_ca_maintenance_failing = %v, want 1", got)
@@ -300,16 +295,9 @@ func TestKeystoreOutage(t *testing.T) {
 	}
 
 	keys.down.Store(false)
-	if err := clock.BlockUntilContext(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	clock.Advance(f.NextRetry.Sub(clock.Now()))
-	deadline := time.Now().Add(10 * time.Second)
-	for a.Failing() != nil || a.Issuer().Cert.Equal(old.Cert) {
-		if time.Now().After(deadline) {
-			t.Fatal("maintenance did not recover after the keystore came back")
-		}
-		time.Sleep(5 * time.Millisecond)
+	pass(t, ctx, clock, a.Failing().NextRetry.Sub(clock.Now()))
+	if f := a.Failing(); f != nil || a.Issuer().Cert.Equal(old.Cert) {
+		t.Fatalf("maintenance did not recover after the keystore came back: %+v", f)
 	}
 	if got := testenv.GatheredValue(t, reg, "meshca_ca_maintenance_failing", nil); got != 0 {
 		t.Fatalf("meshca_ca_maintenance_failing = %v after recovery, want 0", got)
@@ -321,19 +309,16 @@ func TestKeystoreOutage(t *testing.T) {
 	}
 }
 
-// waitFailing waits until the authority has recorded n failed attempts and
-// is waiting for the next.
-func waitFailing(t *testing.T, a *ca.Authority, n int) *ca.Failure {
+// pass advances clock by d once Run waits on its maintenance timer, and
+// returns when Run has finished the pass that fired and re-armed the timer.
+func pass(t *testing.T, ctx context.Context, clock *clockwork.FakeClock, d time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if f := a.Failing(); f != nil && f.Attempts == n {
-			return f
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("maintenance did not fail %d times (now %+v)", n, a.Failing())
-		}
-		time.Sleep(2 * time.Millisecond)
+	if err := clock.BlockUntilContext(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(d)
+	if err := clock.BlockUntilContext(ctx, 1); err != nil {
+		t.Fatal(err)
 	}
 }
 
