@@ -29,7 +29,8 @@ func (o *replicaOptions) bind(fs *pflag.FlagSet) {
 	fs.StringVar(&o.journalSecret, "ca-journal-secret", kubestate.DefaultName, "with --ca-journal=secret: the Secret's name")
 }
 
-// build returns the elector and the journal store.
+// build returns the elector and the journal store; a nil store is the
+// journal file in the data directory (stackConfig.journalPath).
 func (o *replicaOptions) build(authn any, namespace, dataDir string, reg prometheus.Registerer, log *slog.Logger) (leader.Elector, ca.JournalStore, error) {
 	k, isKube := authn.(*kubeAuth)
 	election := o.election
@@ -60,7 +61,6 @@ func (o *replicaOptions) build(authn any, namespace, dataDir string, reg prometh
 	var journal ca.JournalStore
 	switch o.journal {
 	case "file":
-		journal = ca.FileJournal{Path: filepath.Join(dataDir, "ca-journal.json")}
 	case "secret":
 		if !isKube {
 			return nil, nil, fmt.Errorf("--ca-journal=secret needs --authenticator=kube")
