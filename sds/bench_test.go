@@ -149,7 +149,7 @@ func benchmarkPush(b *testing.B, n, perConn int) {
 func waitAcked(b *testing.B, s *sds.Server, root *x509.Certificate, n int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	ackedIs(b, ctx, s, ca.Fingerprint(root), n, n)
+	ackedIs(b, ctx, s, s.Acked, ca.Fingerprint(root), n, n)
 }
 
 // TestFleet checks the benchmark's load helper in process, on a small
@@ -163,13 +163,13 @@ func TestFleet(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(ag.root), n, n)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(ag.root), n, n)
 		root2 := newRoot(t)
 		ag.set(t, withRoots(*ag.b.Snapshot(), ag.root, root2))
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(root2), n, n)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(root2), n, n)
 		if err := f.Close(); err != nil {
 			t.Fatal(err)
 		}
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(root2), 0, 0)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(root2), 0, 0)
 	})
 }

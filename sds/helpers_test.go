@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -192,22 +195,54 @@ func eventually(t testing.TB, ctx context.Context, what string, cond func() bool
 	}
 }
 
-// ackedIs waits until Server.Acked(fp) reports exactly (acked, connected),
+// ackedIs waits until count(key), s.Acked of a root's fingerprint or
+// s.PolicyAcked of a policy version, reports exactly (acked, of) streams,
 // woken by AckChanged as a root rotation is.
-func ackedIs(tb testing.TB, ctx context.Context, s *sds.Server, fp string, acked, connected int) {
+func ackedIs(tb testing.TB, ctx context.Context, s *sds.Server, count func(string) (int, int), key string, acked, of int) {
 	tb.Helper()
 	for {
 		changed := s.AckChanged()
-		a, c := s.Acked(fp)
-		if a == acked && c == connected {
+		a, n := count(key)
+		if a == acked && n == of {
 			return
 		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			tb.Fatalf("Acked reports %d of %d streams, want %d of %d", a, c, acked, connected)
+			tb.Fatalf("%s: %d of %d streams ACKed, want %d of %d", key, a, n, acked, of)
 		}
 	}
+}
+
+// rpcModes are the three ways to ask for secrets: a state-of-the-world
+// stream, a delta stream and FetchSecrets.
+var rpcModes = []string{"sotw", "delta", "fetch"}
+
+// firstAnswer asks rpc for names of typeURL as node, the way mode says,
+// and returns the error of the first answer, nil when it is a response.
+func firstAnswer(ctx context.Context, rpc secretv3.SecretDiscoveryServiceClient, mode string, node *corev3.Node, typeURL string, names []string) error {
+	var err error
+	switch mode {
+	case "sotw":
+		var s grpc.BidiStreamingClient[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]
+		if s, err = rpc.StreamSecrets(ctx); err == nil {
+			if err = s.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: typeURL, ResourceNames: names}); err == nil {
+				_, err = s.Recv()
+			}
+		}
+	case "delta":
+		var s grpc.BidiStreamingClient[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]
+		if s, err = rpc.DeltaSecrets(ctx); err == nil {
+			if err = s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: typeURL, ResourceNamesSubscribe: names}); err == nil {
+				_, err = s.Recv()
+			}
+		}
+	case "fetch":
+		_, err = rpc.FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: typeURL, ResourceNames: names})
+	default:
+		panic("unknown mode " + mode)
+	}
+	return err
 }
 
 // metric returns the value of the series of name with the given labels

@@ -10,9 +10,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -53,23 +51,6 @@ func holdsPolicy(p policy.Policy) func(sdstest.State) bool {
 	}
 }
 
-// policyAckedIs waits until PolicyAcked(version) reports (acked, watching).
-func policyAckedIs(t *testing.T, ctx context.Context, s *sds.Server, version string, acked, watching int) {
-	t.Helper()
-	for {
-		changed := s.AckChanged()
-		a, w := s.PolicyAcked(version)
-		if a == acked && w == watching {
-			return
-		}
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			t.Fatalf("PolicyAcked(%s) = %d of %d, want %d of %d", version, a, w, acked, watching)
-		}
-	}
-}
-
 // TestPolicyIsServedAndPushed: a stream that subscribes to the policy gets
 // it as a generic secret holding policy.FormatJSON, at the version
 // PolicyVersion names; a change is pushed as a new version and its ACK is
@@ -91,7 +72,7 @@ func TestPolicyIsServedAndPushed(t *testing.T) {
 			t.Errorf("policy secret holds %q, want policy.FormatJSON's %q", got, want)
 		}
 		v1 := policyVersion(t, strict)
-		policyAckedIs(t, ctx, ag.s, v1, 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.PolicyAcked, v1, 1, 1)
 		if got := onlyStatus(t, ag.s).Acked[sds.PolicyName]; got != v1 {
 			t.Errorf("Status ACKed policy %q, want %q", got, v1)
 		}
@@ -109,7 +90,7 @@ func TestPolicyIsServedAndPushed(t *testing.T) {
 		if v2 == v1 {
 			t.Fatal("two policies have one version")
 		}
-		policyAckedIs(t, ctx, ag.s, v2, 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.PolicyAcked, v2, 1, 1)
 		if a, _ := ag.s.PolicyAcked(v1); a != 0 {
 			t.Errorf("%d streams still counted on the old policy", a)
 		}
@@ -166,7 +147,7 @@ func TestPolicyNACKKeepsTheLastACKed(t *testing.T) {
 		c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "agent-1", Names: agentNames, Delta: delta, Reject: reject})
 		wait(t, ctx, c, holdsPolicy(strict))
 		v1, bad := policyVersion(t, strict), policyVersion(t, excluded)
-		policyAckedIs(t, ctx, ag.s, v1, 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.PolicyAcked, v1, 1, 1)
 
 		ag.set(t, withPolicy(ag.snap, excluded))
 		eventually(t, ctx, "the server records the NACK", func() bool { return onlyStatus(t, ag.s).LastNACK != "" })
@@ -199,7 +180,7 @@ func TestPolicyNACKKeepsTheLastACKed(t *testing.T) {
 		permissive := policy.Policy{Enabled: true, Mode: policy.ModePermissive}
 		ag.set(t, withPolicy(ag.snap, permissive))
 		wait(t, ctx, c, holdsPolicy(permissive))
-		policyAckedIs(t, ctx, ag.s, policyVersion(t, permissive), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.PolicyAcked, policyVersion(t, permissive), 1, 1)
 		if got := metric(t, ag.reg, "meshca_sds_pushes_total", "resource", sds.PolicyName); got != 3 {
 			t.Errorf("pushes{policy} = %v, want 3 (the rejected one once)", got)
 		}
@@ -247,7 +228,7 @@ func TestPolicyNeverSharesAResponse(t *testing.T) {
 			t.Fatalf("response carried %v (NACK %q), want the policy alone, rejected", r.Names, r.NACK)
 		}
 		h.Answer(t, ctx)
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(root2), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(root2), 1, 1)
 		eventually(t, ctx, "the server records the NACK", func() bool { return onlyStatus(t, ag.s).LastNACK != "" })
 		if ss := onlyStatus(t, ag.s); ss.RejectedRoots != nil || ss.Rejected[sds.PolicyName] == "" {
 			t.Errorf("rejected: roots %v, resources %v; want only the policy", ss.RejectedRoots, ss.Rejected)
@@ -288,29 +269,9 @@ func TestNoPolicyIsAnUnknownName(t *testing.T) {
 	_, conn := serveUnix(t, srv)
 	rpc := secretv3.NewSecretDiscoveryServiceClient(conn)
 	const want = `unknown resource "meshca-mtls-policy": this server has no mTLS policy to serve`
-	for _, mode := range []string{"sotw", "delta", "fetch"} {
+	for _, mode := range rpcModes {
 		t.Run(mode, func(t *testing.T) {
-			ctx := testCtx(t)
-			node := &corev3.Node{Id: "agent-1"}
-			var err error
-			switch mode {
-			case "sotw":
-				var s grpc.BidiStreamingClient[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]
-				if s, err = rpc.StreamSecrets(ctx); err == nil {
-					if err = s.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: sds.TypeURL, ResourceNames: agentNames}); err == nil {
-						_, err = s.Recv()
-					}
-				}
-			case "delta":
-				var s grpc.BidiStreamingClient[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]
-				if s, err = rpc.DeltaSecrets(ctx); err == nil {
-					if err = s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: sds.TypeURL, ResourceNamesSubscribe: agentNames}); err == nil {
-						_, err = s.Recv()
-					}
-				}
-			case "fetch":
-				_, err = rpc.FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: sds.TypeURL, ResourceNames: agentNames})
-			}
+			err := firstAnswer(testCtx(t), rpc, mode, &corev3.Node{Id: "agent-1"}, sds.TypeURL, agentNames)
 			if st := status.Convert(err); st.Code() != codes.InvalidArgument || st.Message() != want {
 				t.Fatalf("got %v %q, want InvalidArgument %q", st.Code(), st.Message(), want)
 			}

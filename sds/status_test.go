@@ -31,7 +31,7 @@ func TestStatusFollowsEachAnswer(t *testing.T) {
 		c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "web-1", Delta: delta, Reject: rejectRoot(bad), Hold: h.Hold})
 		h.Next(t, ctx)
 		wait(t, ctx, c, hasBoth)
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(ag.root), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(ag.root), 1, 1)
 		ss := onlyStatus(t, ag.s)
 		if want := []string{sds.CertName, sds.RootsName}; !slices.Equal(ss.Subscribed, want) {
 			t.Errorf("Subscribed %v, want %v", ss.Subscribed, want)

@@ -91,29 +91,9 @@ func TestRefusesBadRequests(t *testing.T) {
 		{"other type", []string{sds.CertName}, cluster, typeMsg},
 	}
 	for _, tc := range cases {
-		for _, mode := range []string{"sotw", "delta", "fetch"} {
+		for _, mode := range rpcModes {
 			t.Run(tc.name+"/"+mode, func(t *testing.T) {
-				ctx := testCtx(t)
-				node := &corev3.Node{Id: "n"}
-				var err error
-				switch mode {
-				case "sotw":
-					var s grpc.BidiStreamingClient[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]
-					if s, err = rpc.StreamSecrets(ctx); err == nil {
-						if err = s.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: tc.typeURL, ResourceNames: tc.names}); err == nil {
-							_, err = s.Recv()
-						}
-					}
-				case "delta":
-					var s grpc.BidiStreamingClient[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]
-					if s, err = rpc.DeltaSecrets(ctx); err == nil {
-						if err = s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: tc.typeURL, ResourceNamesSubscribe: tc.names}); err == nil {
-							_, err = s.Recv()
-						}
-					}
-				case "fetch":
-					_, err = rpc.FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: tc.typeURL, ResourceNames: tc.names})
-				}
+				err := firstAnswer(testCtx(t), rpc, mode, &corev3.Node{Id: "n"}, tc.typeURL, tc.names)
 				if st := status.Convert(err); st.Code() != codes.InvalidArgument || st.Message() != tc.want {
 					t.Fatalf("got %v %q, want InvalidArgument %q", st.Code(), st.Message(), tc.want)
 				}
@@ -134,7 +114,7 @@ func TestACKStopsResends(t *testing.T) {
 		ag := newAgent(t)
 		c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "web-1", Delta: delta})
 		wait(t, ctx, c, hasBoth)
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(ag.root), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(ag.root), 1, 1)
 		first := onlyStatus(t, ag.s).Acked
 
 		// The same content in fresh values: the proxy has it, nothing to send.
@@ -151,7 +131,7 @@ func TestACKStopsResends(t *testing.T) {
 		if st.Duplicates != 0 {
 			t.Errorf("%d secrets arrived that the proxy already held", st.Duplicates)
 		}
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(root2), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(root2), 1, 1)
 		now := onlyStatus(t, ag.s).Acked
 		if now[sds.CertName] != first[sds.CertName] || now[sds.RootsName] == first[sds.RootsName] || now[sds.RootsName] == "" {
 			t.Errorf("ACKed versions went from %v to %v; want only ROOTCA to change", first, now)
@@ -180,7 +160,7 @@ func TestNACKKeepsTheLastACKedVersion(t *testing.T) {
 		bad, good := newRoot(t), newRoot(t)
 		c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "web-1", Delta: delta, Reject: rejectRoot(bad)})
 		wait(t, ctx, c, hasBoth)
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(ag.root), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(ag.root), 1, 1)
 		before := onlyStatus(t, ag.s).Acked
 
 		ag.set(t, withRoots(ag.snap, ag.root, bad))
@@ -216,7 +196,7 @@ func TestNACKKeepsTheLastACKedVersion(t *testing.T) {
 		if len(st.Responses) != 3 || nacked != 1 || st.Responses[1].NACK == "" {
 			t.Fatalf("responses %+v, want initial, rejected once, then the good bundle", st.Responses)
 		}
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(good), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(good), 1, 1)
 		if a, _ := ag.s.Acked(ca.Fingerprint(bad)); a != 0 {
 			t.Errorf("Acked(rejected root) = %d, want 0", a)
 		}
@@ -238,11 +218,11 @@ func TestBundleChangeReachesEveryStream(t *testing.T) {
 	for _, c := range clients {
 		wait(t, ctx, c, hasBoth)
 	}
-	ackedIs(t, ctx, ag.s, ca.Fingerprint(ag.root), n, n)
+	ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(ag.root), n, n)
 
 	root2 := newRoot(t)
 	ag.set(t, withRoots(ag.snap, ag.root, root2))
-	ackedIs(t, ctx, ag.s, ca.Fingerprint(root2), n, n)
+	ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(root2), n, n)
 	for _, c := range clients {
 		roots, err := c.Roots()
 		if err != nil {
@@ -277,10 +257,10 @@ func TestDisconnectAndUnsubscribeLeaveTheAccounting(t *testing.T) {
 		c2 := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "two", Delta: delta})
 		wait(t, ctx, c1, hasBoth)
 		wait(t, ctx, c2, hasBoth)
-		ackedIs(t, ctx, ag.s, fp, 2, 2)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 2, 2)
 
 		c1.Disconnect()
-		ackedIs(t, ctx, ag.s, fp, 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 1, 1)
 		if ss := onlyStatus(t, ag.s); ss.Peer.Node != "two" {
 			t.Fatalf("status lists %q, want the proxy still connected", ss.Peer.Node)
 		}
@@ -292,7 +272,7 @@ func TestDisconnectAndUnsubscribeLeaveTheAccounting(t *testing.T) {
 		if err := c2.Unsubscribe(sds.RootsName); err != nil {
 			t.Fatal(err)
 		}
-		ackedIs(t, ctx, ag.s, fp, 0, 0)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 0, 0)
 		ss := onlyStatus(t, ag.s)
 		if _, ok := ss.Acked[sds.RootsName]; ok || ss.Acked[sds.CertName] == "" || len(ss.AckedRoots) != 0 {
 			t.Fatalf("after unsubscribing ROOTCA the status says %+v", ss)
@@ -310,16 +290,16 @@ func TestReconnect(t *testing.T) {
 		fp := ca.Fingerprint(ag.root)
 		c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "web-1", Delta: delta})
 		wait(t, ctx, c, hasBoth)
-		ackedIs(t, ctx, ag.s, fp, 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 1, 1)
 		eventually(t, ctx, "both secrets are ACKed", func() bool { return len(onlyStatus(t, ag.s).Acked) == 2 })
 		acked := onlyStatus(t, ag.s).Acked
 
 		c.Disconnect()
-		ackedIs(t, ctx, ag.s, fp, 0, 0)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 0, 0)
 		if err := c.Connect(ctx); err != nil {
 			t.Fatal(err)
 		}
-		ackedIs(t, ctx, ag.s, fp, 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 1, 1)
 		if got := onlyStatus(t, ag.s).Acked; !mapsEqual(got, acked) {
 			t.Fatalf("after reconnecting, ACKed %v, want %v", got, acked)
 		}
@@ -332,9 +312,9 @@ func TestReconnect(t *testing.T) {
 		}
 
 		// Changed while away: only what changed comes.
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(root2), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(root2), 1, 1)
 		c.Disconnect()
-		ackedIs(t, ctx, ag.s, fp, 0, 0)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 0, 0)
 		root3 := newRoot(t)
 		ag.set(t, withRoots(ag.snap, ag.root, root3))
 		if err := c.Connect(ctx); err != nil {
@@ -347,7 +327,7 @@ func TestReconnect(t *testing.T) {
 		if st.Duplicates != 0 {
 			t.Errorf("%d secrets arrived that the proxy already held", st.Duplicates)
 		}
-		ackedIs(t, ctx, ag.s, ca.Fingerprint(root3), 1, 1)
+		ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(root3), 1, 1)
 	})
 }
 
@@ -399,7 +379,7 @@ func TestStaleAndMismatchedAnswers(t *testing.T) {
 	}
 
 	send(&discoveryv3.DiscoveryRequest{ResponseNonce: r1.GetNonce(), VersionInfo: r1.GetVersionInfo()})
-	ackedIs(t, ctx, ag.s, ca.Fingerprint(ag.root), 1, 1)
+	ackedIs(t, ctx, ag.s, ag.s.Acked, ca.Fingerprint(ag.root), 1, 1)
 
 	root2 := newRoot(t)
 	ag.set(t, withRoots(ag.snap, ag.root, root2))
@@ -471,7 +451,7 @@ func TestDeltaSubscribeAlwaysAnswers(t *testing.T) {
 	fp := ca.Fingerprint(ag.root)
 	c := connect(t, ctx, sdstest.Config{Conn: ag.conn, Node: "web-1", Delta: true})
 	wait(t, ctx, c, hasBoth)
-	ackedIs(t, ctx, ag.s, fp, 1, 1)
+	ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 1, 1)
 
 	if err := c.Subscribe(sds.RootsName); err != nil {
 		t.Fatal(err)
@@ -484,12 +464,12 @@ func TestDeltaSubscribeAlwaysAnswers(t *testing.T) {
 	if err := c.Unsubscribe(sds.RootsName); err != nil {
 		t.Fatal(err)
 	}
-	ackedIs(t, ctx, ag.s, fp, 0, 0)
+	ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 0, 0)
 	if err := c.Subscribe(sds.RootsName); err != nil {
 		t.Fatal(err)
 	}
 	wait(t, ctx, c, func(s sdstest.State) bool { return len(s.Responses) == 3 && s.Has(sds.RootsName) })
-	ackedIs(t, ctx, ag.s, fp, 1, 1)
+	ackedIs(t, ctx, ag.s, ag.s.Acked, fp, 1, 1)
 }
 
 func versionIn(r sdstest.Response, name string) string {

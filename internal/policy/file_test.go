@@ -154,9 +154,17 @@ func TestFileStoreMissingIsDefault(t *testing.T) {
 	if e.store.Synced() {
 		t.Fatal("synced before Run")
 	}
+	changed := e.store.Changed()
 	e.run(t)
 	if err := e.store.WaitForSync(t.Context()); err != nil {
 		t.Fatal(err)
+	}
+	// Nothing stored leaves Default in place; the first read is still
+	// announced, so a consumer waiting for the store learns it synced.
+	select {
+	case <-changed:
+	default:
+		t.Error("the first read did not signal Changed")
 	}
 	p, rev := e.store.Current()
 	if !p.Equal(policy.Default()) || rev != "" {

@@ -19,8 +19,10 @@ type Revision string
 type Source interface {
 	// Current returns the last good policy, normalized, and its revision.
 	Current() (Policy, Revision)
-	// Changed returns a channel closed at the next change of Current.
-	// Take it before calling Current so no change falls between them.
+	// Changed returns a channel closed at the next change of Current, or
+	// when the store first syncs (Current may then be unchanged: nothing
+	// stored is Default). Take it before calling Current so no change
+	// falls between them.
 	Changed() <-chan struct{}
 }
 
@@ -120,15 +122,21 @@ func (l *Live) Changed() <-chan struct{} {
 }
 
 // Set installs a normalized policy read at rev, marks the store synced and
-// clears any error. It reports whether anything changed; only then are
-// Changed's waiters woken.
+// clears any error. It reports whether anything changed; only then, or
+// when the store first syncs, are Changed's waiters woken: a first read
+// that finds nothing stored leaves Default in place, yet makes it the
+// policy someone chose.
 func (l *Live) Set(p Policy, rev Revision) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	first := !l.synced
 	l.markSynced()
 	l.status = Status{Revision: rev}
 	l.metrics.valid.Set(1)
 	if rev == l.rev && p.Equal(l.policy) {
+		if first {
+			l.wake()
+		}
 		return false
 	}
 	old := l.policy
@@ -137,9 +145,14 @@ func (l *Live) Set(p Policy, rev Revision) bool {
 	if !old.Equal(p) {
 		l.log.Info("mTLS policy changed", "revision", rev, "policy", p.String(), "was", old.String())
 	}
+	l.wake()
+	return true
+}
+
+// wake closes the channel Changed gave out and makes the next; l.mu is held.
+func (l *Live) wake() {
 	close(l.changed)
 	l.changed = make(chan struct{})
-	return true
 }
 
 // Reject records that the stored version at rev is malformed. The last good

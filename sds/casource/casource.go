@@ -44,32 +44,23 @@ type Authority interface {
 	SignKey(ctx context.Context, pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) (*ca.Issued, error)
 }
 
-// PolicySource is the mesh-wide mTLS policy, live; policy.Store and
-// *policy.Live are ones.
-type PolicySource interface {
-	// Current returns the policy in force, normalized.
-	Current() (policy.Policy, policy.Revision)
-	// Changed returns a channel closed at the next change of Current.
-	Changed() <-chan struct{}
-}
-
-// syncer is a PolicySource that may not have read the stored policy yet,
+// syncer is a policy.Source that may not have read the stored policy yet,
 // as the stores (policy.Store) and *policy.Live: until it has, it holds
 // policy.Default, mTLS off, which nobody chose. Such a source's policy is
-// not served before it is synced; agents wait for it.
+// not served before it is synced; agents wait for it. Its Changed fires
+// when it syncs.
 type syncer interface {
 	Synced() bool
-	WaitForSync(ctx context.Context) error
 }
 
 // Config configures a Source.
 type Config struct {
 	Authority Authority
 	// Policy, when set, is served as sds.PolicyName and followed by Run,
-	// once it has read the stored policy if it says when (Synced and
-	// WaitForSync, as policy.Store). Nil serves no policy: streams asking
-	// for it are refused with sds.ErrNoPolicy.
-	Policy PolicySource
+	// once it has read the stored policy if it says when (Synced, as
+	// policy.Store). Nil serves no policy: streams asking for it are
+	// refused with sds.ErrNoPolicy.
+	Policy policy.Source
 	// TTL of the certificates it issues; zero means the CA's default.
 	TTL time.Duration
 	// KeyType of the keys it generates (default ecdsa-p256).
@@ -155,20 +146,6 @@ func New(cfg Config) (*Source, error) {
 // follows the policy too, when there is one: each change goes to every
 // watcher that asked for it.
 func (s *Source) Run(ctx context.Context) error {
-	// A store's first read need not change its policy (nothing stored is
-	// Default), so Changed may not say it synced: WaitForSync does.
-	var synced chan struct{}
-	if sy, ok := s.cfg.Policy.(syncer); ok && !sy.Synced() {
-		synced = make(chan struct{})
-		done := make(chan struct{})
-		defer func() { <-done }()
-		go func() {
-			defer close(done)
-			if sy.WaitForSync(ctx) == nil {
-				close(synced)
-			}
-		}()
-	}
 	for {
 		changed := s.cfg.Authority.Changed()
 		var policyChanged <-chan struct{}
@@ -180,9 +157,6 @@ func (s *Source) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-synced:
-			synced = nil
-			continue // read at the top of the loop
 		case <-policyChanged:
 			continue
 		case <-changed:
@@ -217,14 +191,16 @@ func (s *Source) Watch(_ context.Context, p sds.Peer, want sds.Want, changed fun
 	if iss == nil {
 		return nil, ca.ErrNotReady
 	}
+	var pol *policy.Policy
 	if want.Policy {
-		// Read here if Run has not yet, so the first response has it.
-		s.refreshPolicy()
-		s.mu.Lock()
-		w.policy = s.policy
-		s.mu.Unlock()
+		// Once read, Run keeps the policy current; until then it is read
+		// here, so the first response has it.
+		if pol = s.servedPolicy(); pol == nil {
+			s.refreshPolicy()
+			pol = s.servedPolicy()
+		}
 	}
-	w.snap = &sds.Snapshot{Roots: iss.Roots, Policy: w.policy}
+	w.snap = &sds.Snapshot{Roots: iss.Roots, Policy: pol}
 	if want.Cert {
 		// The first certificate is signed here, so a proxy's first response
 		// carries it; later ones come from the timer.
@@ -233,16 +209,28 @@ func (s *Source) Watch(_ context.Context, p sds.Peer, want sds.Want, changed fun
 			return nil, err
 		}
 	}
+	if want.Policy {
+		// No read of the policy is under way while w is registered: one
+		// done since pol was taken is caught up here, and any later one
+		// reaches w, in order.
+		s.polMu.Lock()
+		defer s.polMu.Unlock()
+	}
 	s.mu.Lock()
 	s.watchers[w] = struct{}{}
-	// A policy read since the one above has not reached w.
-	stale := want.Policy && s.policy != w.policy
 	cur := s.policy
 	s.mu.Unlock()
-	if stale {
-		w.policyChanged(cur)
+	if want.Policy {
+		w.policyChanged(cur) // nothing when it is pol
 	}
 	return w, nil
+}
+
+// servedPolicy is the policy last read, nil before the first.
+func (s *Source) servedPolicy() *policy.Policy {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.policy
 }
 
 // refreshPolicy reads the policy and, when it changed, hands it to every
@@ -288,8 +276,7 @@ type watcher struct {
 	changed    func()
 
 	mu     sync.Mutex
-	policy *policy.Policy // in snap; kept across renewals
-	snap   *sds.Snapshot
+	snap   *sds.Snapshot     // its Policy is kept across renewals
 	root   *x509.Certificate // that snap's leaf chains to
 	timer  clockwork.Timer
 	at     time.Time // when timer fires
@@ -337,7 +324,7 @@ func (w *watcher) renew() error {
 		return fmt.Errorf("casource: signing for %s: %w", w.id, err)
 	}
 	leaf := issued.Leaf()
-	w.snap = &sds.Snapshot{Chain: issued.Chain, Key: key, Roots: issued.Roots, Policy: w.policy}
+	w.snap = &sds.Snapshot{Chain: issued.Chain, Key: key, Roots: issued.Roots, Policy: w.snap.Policy}
 	w.root = issued.Root
 	w.schedule(ca.RenewalPoint(leaf.NotBefore, leaf.NotAfter, clock.Now(), w.s.cfg.RenewAt))
 	w.due = w.at
@@ -381,11 +368,10 @@ func (w *watcher) schedule(at time.Time) {
 // policyChanged serves p from now on.
 func (w *watcher) policyChanged(p *policy.Policy) {
 	w.mu.Lock()
-	if w.closed || w.policy == p {
+	if w.closed || w.snap.Policy == p {
 		w.mu.Unlock()
 		return
 	}
-	w.policy = p
 	next := *w.snap
 	next.Policy = p
 	w.snap = &next

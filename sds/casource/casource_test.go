@@ -65,7 +65,7 @@ func TestRenewsAtHalfLifeAndOnRootChange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(testCtx(t))
 	done := make(chan error, 1)
 	go func() { done <- src.Run(ctx) }()
 	defer func() { cancel(); <-done }()
@@ -92,7 +92,7 @@ func TestRenewsAtHalfLifeAndOnRootChange(t *testing.T) {
 	default:
 	}
 	clock.Advance(time.Second)
-	<-changes
+	recv(t, ctx, changes, "the renewal at half-life")
 	second := w.Snapshot()
 	if second.Chain[0].SerialNumber.Cmp(leaf.SerialNumber) == 0 || second.Key == first.Key {
 		t.Fatal("renewal kept the certificate or the key")
@@ -101,7 +101,7 @@ func TestRenewsAtHalfLifeAndOnRootChange(t *testing.T) {
 	// A new root replaces the certificate at once.
 	signs := auth.signs.Load()
 	auth.swap(catest.NewAuthority(t, clock))
-	<-changes
+	recv(t, ctx, changes, "the renewal for the new root")
 	third := w.Snapshot()
 	if auth.signs.Load() != signs+1 || third.Chain[0].SerialNumber.Cmp(second.Chain[0].SerialNumber) == 0 {
 		t.Fatal("the certificate was not replaced when its root left the bundle")
@@ -169,7 +169,7 @@ func TestRenewsAfterActivationWithJitter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(testCtx(t))
 	done := make(chan error, 1)
 	go func() { done <- src.Run(ctx) }()
 	defer func() { cancel(); <-done }()
@@ -194,14 +194,14 @@ func TestRenewsAfterActivationWithJitter(t *testing.T) {
 	if _, err := auth.Rotate(ctx, ca.StepPrepare); err != nil {
 		t.Fatal(err)
 	}
-	<-changes
+	recv(t, ctx, changes, "the prepared root")
 	if s := w.Snapshot(); len(s.Roots) != 2 || s.Chain[0] != first.Chain[0] {
 		t.Fatal("prepare must push the bundle and keep the certificate")
 	}
 	if _, err := auth.Rotate(ctx, ca.StepActivate); err != nil {
 		t.Fatal(err)
 	}
-	<-changes // the reordered bundle
+	recv(t, ctx, changes, "the reordered bundle")
 	if s := w.Snapshot(); s.Chain[0] != first.Chain[0] {
 		t.Fatal("the certificate was replaced at once, not within the jitter window")
 	}
@@ -212,7 +212,7 @@ func TestRenewsAfterActivationWithJitter(t *testing.T) {
 	default:
 	}
 	clock.Advance(time.Second)
-	<-changes
+	recv(t, ctx, changes, "the jittered renewal")
 	s := w.Snapshot()
 	rootB := ca.Fingerprint(auth.Issuer().Roots[0])
 	if ca.Fingerprint(s.Chain[len(s.Chain)-1]) == ca.Fingerprint(first.Chain[len(first.Chain)-1]) {

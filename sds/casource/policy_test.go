@@ -42,6 +42,24 @@ func set(t *testing.T, l *policy.Live, p policy.Policy, rev policy.Revision) {
 	l.Set(n, rev)
 }
 
+// testCtx bounds a test's waits, so a wake that never comes fails the test
+// rather than hanging until go test's timeout.
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// recv waits for a wake on ch until ctx ends.
+func recv(t *testing.T, ctx context.Context, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-ctx.Done():
+		t.Fatalf("waiting for %s: %v", what, context.Cause(ctx))
+	}
+}
+
 func run(t *testing.T, src *casource.Source) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -58,6 +76,7 @@ func run(t *testing.T, src *casource.Source) {
 // first snapshot and every change after, sharing one value; renewals keep
 // it; watchers that did not ask are not woken.
 func TestFollowsThePolicy(t *testing.T) {
+	ctx := testCtx(t)
 	clock := clockwork.NewFakeClockAt(time.Now())
 	pol := live(t, strict, "1")
 	src, err := casource.New(casource.Config{Authority: catest.NewAuthority(t, clock), Policy: pol, TTL: time.Hour, Clock: clock})
@@ -93,7 +112,7 @@ func TestFollowsThePolicy(t *testing.T) {
 	}
 
 	set(t, pol, excluded, "2")
-	<-agentChanges
+	recv(t, ctx, agentChanges, "the policy change")
 	s := agent.Snapshot()
 	if s.Policy == nil || !s.Policy.Equal(excluded) {
 		t.Fatalf("after the change: policy %v, want %v", s.Policy, excluded)
@@ -104,18 +123,23 @@ func TestFollowsThePolicy(t *testing.T) {
 	if other.Snapshot().Policy != s.Policy {
 		t.Error("watchers hold separate copies of one policy")
 	}
-	select {
-	case <-proxyChanges:
-		t.Error("a watcher that did not ask for the policy was woken by its change")
-	default:
-	}
 
 	// The renewal at half-life keeps the policy.
 	leaf := first.Chain[0]
 	clock.Advance(leaf.NotAfter.Sub(clock.Now())/2 + time.Second)
-	<-agentChanges
+	recv(t, ctx, agentChanges, "the renewal")
 	if s := agent.Snapshot(); s.Chain[0] == leaf || s.Policy == nil || !s.Policy.Equal(excluded) {
 		t.Fatalf("after the renewal: new leaf %v, policy %v", s.Chain[0] != leaf, s.Policy)
+	}
+
+	// Run hands out one change at a time: once the agent has the next, every
+	// wake of the first has been sent, whatever order the watchers came in.
+	set(t, pol, strict, "3")
+	recv(t, ctx, agentChanges, "the second policy change")
+	select {
+	case <-proxyChanges:
+		t.Error("a watcher that did not ask for the policy was woken by its change")
+	default:
 	}
 }
 
@@ -140,8 +164,7 @@ func TestNoPolicyConfigured(t *testing.T) {
 // socket, serves a node agent's subscription and pushes a change of the
 // store; without a policy source, the name is refused as unknown.
 func TestServesThePolicyOverSDS(t *testing.T) {
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
+	ctx := testCtx(t)
 	auth := catest.NewAuthority(t, nil)
 	pol := live(t, strict, "1")
 	withPolicy, err := casource.New(casource.Config{Authority: auth, Policy: pol, RootsOnly: true})
@@ -220,12 +243,16 @@ func serve(t *testing.T, src sds.Source) *grpc.ClientConn {
 // agents open plaintext on a policy nobody chose. The first read is,
 // even when it changes nothing (no policy stored: Default).
 func TestServesNoPolicyBeforeTheStoreSyncs(t *testing.T) {
-	pol := policy.NewLive(nil, nil)
+	ctx := testCtx(t)
+	pol := &checkedLive{Live: policy.NewLive(nil, nil), checked: make(chan struct{}, 1)}
 	src, err := casource.New(casource.Config{Authority: catest.NewAuthority(t, nil), Policy: pol})
 	if err != nil {
 		t.Fatal(err)
 	}
 	run(t, src)
+	// Run has found the store unsynced, so only a wake from the store
+	// makes it read again.
+	recv(t, ctx, pol.checked, "Run to look at the store")
 	changes := make(chan struct{}, 10)
 	w, err := src.Watch(t.Context(), sds.Peer{}, sds.Want{Roots: true, Policy: true}, func() { changes <- struct{}{} })
 	if err != nil {
@@ -238,12 +265,24 @@ func TestServesNoPolicyBeforeTheStoreSyncs(t *testing.T) {
 	if pol.Set(policy.Default(), "") {
 		t.Fatal("setting Default over Default reported a change; the test needs it not to")
 	}
-	select {
-	case <-changes:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the first read of the store reached no watcher")
-	}
+	recv(t, ctx, changes, "the first read of the store to reach the watcher")
 	if s := w.Snapshot(); s.Policy == nil || !s.Policy.Equal(policy.Default()) {
 		t.Fatalf("after the store synced: policy %v, want %v", s.Policy, policy.Default())
 	}
+}
+
+// checkedLive tells when it is asked whether it synced.
+type checkedLive struct {
+	*policy.Live
+	checked chan struct{}
+}
+
+func (l *checkedLive) Synced() bool {
+	defer func() {
+		select {
+		case l.checked <- struct{}{}:
+		default:
+		}
+	}()
+	return l.Live.Synced()
 }
