@@ -157,8 +157,8 @@ func (a *Agent) streamBundle(ctx context.Context, askPolicy bool) (received bool
 func (a *Agent) handleResponse(ctx context.Context, resp *discoveryv3.DiscoveryResponse) (reject, retry error) {
 	got, err := parseResponse(resp)
 	if err != nil {
-		if got.policyErr != nil && a.enforce != nil {
-			_ = a.enforce.rejected(got.policyErr)
+		if errors.Is(err, errBadPolicy) && a.enforce != nil {
+			a.enforce.rejected(err)
 		}
 		a.log.Warn("rejected a response from the server; keeping what it replaces", "err", err)
 		return err, nil
@@ -194,45 +194,47 @@ func (a *Agent) handleResponse(ctx context.Context, resp *discoveryv3.DiscoveryR
 	return errors.Join(errs...), retry
 }
 
-// received is what a response from the server carries.
-type received struct {
+// upstream is what a response from the server carries.
+type upstream struct {
 	roots         []*x509.Certificate
 	policy        *policy.Policy
 	policyVersion string
-	// policyErr is why the policy in it does not parse.
-	policyErr error
 }
+
+// errBadPolicy is wrapped by parseResponse's refusal of a response whose
+// policy does not parse.
+var errBadPolicy = errors.New("bad mTLS policy")
 
 // parseResponse decodes a response to the agent's subscription. It
 // refuses the whole response when any of it is malformed, and a response
 // with none of the resources asked for.
-func parseResponse(resp *discoveryv3.DiscoveryResponse) (received, error) {
-	var got received
+func parseResponse(resp *discoveryv3.DiscoveryResponse) (upstream, error) {
+	var got upstream
 	for _, res := range resp.GetResources() {
 		if res.GetTypeUrl() != sds.TypeURL {
-			return received{}, fmt.Errorf("resource of type %q, want %s", res.GetTypeUrl(), sds.TypeURL)
+			return upstream{}, fmt.Errorf("resource of type %q, want %s", res.GetTypeUrl(), sds.TypeURL)
 		}
 		sec := &tlsv3.Secret{}
 		if err := res.UnmarshalTo(sec); err != nil {
-			return received{}, fmt.Errorf("decode secret: %w", err)
+			return upstream{}, fmt.Errorf("decode secret: %w", err)
 		}
 		switch sec.GetName() {
 		case sds.RootsName:
 			roots, err := parseBundle(sec)
 			if err != nil {
-				return received{}, err
+				return upstream{}, err
 			}
 			got.roots = roots
 		case sds.PolicyName:
 			p, v, err := parsePolicy(sec)
 			if err != nil {
-				return received{policyErr: err}, err
+				return upstream{}, fmt.Errorf("%w: %w", errBadPolicy, err)
 			}
 			got.policy, got.policyVersion = &p, v
 		}
 	}
 	if got.roots == nil && got.policy == nil {
-		return received{}, fmt.Errorf("response without the %q or %q secret", sds.RootsName, sds.PolicyName)
+		return upstream{}, fmt.Errorf("response without the %q or %q secret", sds.RootsName, sds.PolicyName)
 	}
 	return got, nil
 }

@@ -160,10 +160,10 @@ func (e *enforcer) writeBootstrap() error {
 }
 
 // rejected records a policy from the server that did not parse.
-func (e *enforcer) rejected(err error) error {
+func (e *enforcer) rejected(err error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.fail("parse", err)
+	_ = e.fail("parse", err)
 }
 
 // fail records a failure at stage (parse, render, write). e.mu is held.
@@ -229,15 +229,7 @@ func (e *enforcer) fallback(why string) error {
 // previous reads the LDS and CDS files in the directory, if both are there
 // and valid.
 func (e *enforcer) previous() (*envoyconfig.Resources, error) {
-	lds, err := os.ReadFile(filepath.Join(e.dir, envoyconfig.LDSFile))
-	if err != nil {
-		return nil, err
-	}
-	cds, err := os.ReadFile(filepath.Join(e.dir, envoyconfig.CDSFile))
-	if err != nil {
-		return nil, err
-	}
-	return envoyconfig.Parse(lds, cds)
+	return envoyconfig.Read(e.dir)
 }
 
 // state is what Status reports of the enforcer.

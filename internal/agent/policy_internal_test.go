@@ -9,13 +9,13 @@ import (
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
-
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
@@ -106,19 +106,11 @@ func TestMalformedPolicyIsRejected(t *testing.T) {
 	if st := a.Status(); st.PolicyError == nil {
 		t.Error("Status has no policy error after the rejections")
 	}
-	mfs, err := reg.Gather()
-	if err != nil {
+	var parse dto.Metric
+	if err := a.metrics.policyFailures.WithLabelValues("parse").Write(&parse); err != nil {
 		t.Fatal(err)
 	}
-	var parse float64
-	for _, mf := range mfs {
-		for _, m := range mf.GetMetric() {
-			if mf.GetName() == "meshca_agent_policy_render_failures_total" && m.GetLabel()[0].GetValue() == "parse" {
-				parse = m.GetCounter().GetValue()
-			}
-		}
-	}
-	if parse != 4 {
-		t.Errorf("parse failures = %v, want 4", parse)
+	if v := parse.GetCounter().GetValue(); v != 4 {
+		t.Errorf("parse failures = %v, want 4", v)
 	}
 }

@@ -89,27 +89,9 @@ func (m *mesh) applied(t *testing.T, ctx context.Context, a *testAgent, p policy
 // files reads and validates what the agent wrote.
 func files(t *testing.T, dir string) *envoyconfig.Resources {
 	t.Helper()
-	lds, err := os.ReadFile(filepath.Join(dir, envoyconfig.LDSFile))
+	r, err := envoyconfig.Read(dir)
 	if err != nil {
 		t.Fatal(err)
-	}
-	cds, err := os.ReadFile(filepath.Join(dir, envoyconfig.CDSFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := envoyconfig.Parse(lds, cds)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range r.Listeners {
-		if err := envoyconfig.Validate(l); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, c := range r.Clusters {
-		if err := envoyconfig.Validate(c); err != nil {
-			t.Fatal(err)
-		}
 	}
 	return r
 }

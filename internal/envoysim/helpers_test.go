@@ -7,24 +7,20 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"path/filepath"
 	"strconv"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/jonboulle/clockwork"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/internal/envoysim"
+	"github.com/meshca/meshca/internal/envoysim/envoysimtest"
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/policy/envoyconfig"
 	"github.com/meshca/meshca/sds"
@@ -93,77 +89,6 @@ func agent(t *testing.T, snap sds.Snapshot) (string, *sds.Broadcaster) {
 	return path, b
 }
 
-// app is a local application: it greets with "<name>: " and then echoes
-// what it reads, so a client can tell which application it reached, and
-// whether it reached one at all.
-func app(t *testing.T, name string) netip.AddrPort {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				if _, err := io.WriteString(c, name+": "); err != nil {
-					return
-				}
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		_ = ln.Close()
-		wg.Wait()
-	})
-	return netip.MustParseAddrPort(ln.Addr().String())
-}
-
-// exchange sends msg on a connection to addr, half-closes it and returns
-// everything received until the other side closed. A connection the proxy
-// refuses gives "".
-func exchange(t *testing.T, ctx context.Context, addr, msg string, cfg *tls.Config) string {
-	t.Helper()
-	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		_ = raw.SetDeadline(dl) // against a hang only
-	}
-	var c net.Conn = raw
-	if cfg != nil {
-		tc := tls.Client(raw, cfg)
-		if err := tc.HandshakeContext(ctx); err != nil {
-			return ""
-		}
-		c = tc
-	}
-	if _, err := io.WriteString(c, msg); err != nil {
-		return ""
-	}
-	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
-		return ""
-	}
-	got, err := io.ReadAll(c)
-	if ctx.Err() != nil {
-		t.Fatalf("exchange with %s: %v", addr, err)
-	}
-	return string(got)
-}
-
 // clientTLS is the configuration of a test client holding snap, which
 // records the certificates servers present.
 func clientTLS(snap sds.Snapshot, seen *[]*x509.Certificate) *tls.Config {
@@ -184,11 +109,10 @@ func clientTLS(snap sds.Snapshot, seen *[]*x509.Certificate) *tls.Config {
 	}
 }
 
-// proxy is one simulated proxy, its files and its clock.
+// proxy is one simulated proxy and the directory of its files.
 type proxy struct {
-	sim   *envoysim.Sim
-	clock *clockwork.FakeClock
-	dir   string
+	*envoysimtest.Proxy
+	dir string
 }
 
 // run renders p, starts a simulator on it and waits until it serves.
@@ -196,7 +120,7 @@ func run(t *testing.T, ctx context.Context, p envoyconfig.Proxy) *proxy {
 	t.Helper()
 	dir := t.TempDir()
 	write(t, dir, p)
-	return start(t, ctx, writeBootstrap(t, p, dir), dir)
+	return &proxy{Proxy: envoysimtest.Start(t, ctx, writeBootstrap(t, p, dir)), dir: dir}
 }
 
 // write renders p into the LDS and CDS files in dir.
@@ -227,84 +151,37 @@ func writeBootstrap(t *testing.T, p envoyconfig.Proxy, dir string) string {
 	return path
 }
 
-// start runs a simulator on the bootstrap at path until the test ends.
-func start(t *testing.T, ctx context.Context, path, dir string) *proxy {
-	t.Helper()
-	// TLS checks validity against this clock; it starts at the real time,
-	// when the test certificates are valid.
-	clock := clockwork.NewFakeClockAt(time.Now())
-	sim, err := envoysim.New(envoysim.Config{Bootstrap: path, Clock: clock, Logger: testLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- sim.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
-	p := &proxy{sim: sim, clock: clock, dir: dir}
-	p.wait(t, ctx, "it runs", func(s envoysim.Status) bool { return s.Running })
-	return p
-}
-
 // apply renders p into the watched files and waits until the running
 // simulator uses them.
 func (px *proxy) apply(t *testing.T, ctx context.Context, p envoyconfig.Proxy) {
 	t.Helper()
-	res := write(t, px.dir, p)
-	lds, err := res.LDS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cds, err := res.CDS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	px.poll()
-	px.wait(t, ctx, "it applies the new files", func(s envoysim.Status) bool {
-		return s.LDS.Version == lds.GetVersionInfo() && s.CDS.Version == cds.GetVersionInfo()
-	})
-}
-
-// poll lets the simulator's poll ticker fire once.
-func (px *proxy) poll() { px.clock.Advance(envoysim.DefaultPollInterval) }
-
-func (px *proxy) wait(t *testing.T, ctx context.Context, what string, cond func(envoysim.Status) bool) envoysim.Status {
-	t.Helper()
-	st, err := px.sim.Wait(ctx, cond)
-	if err != nil {
-		t.Fatalf("waiting until %s: %v", what, err)
-	}
-	return st
+	write(t, px.dir, p)
+	px.Reload(t, ctx, px.dir)
 }
 
 // waitSecrets waits until the proxy holds its certificate and roots.
 func (px *proxy) waitSecrets(t *testing.T, ctx context.Context) {
 	t.Helper()
-	px.wait(t, ctx, "it holds its secrets", func(s envoysim.Status) bool {
+	px.Wait(t, ctx, "it holds its secrets", func(s envoysim.Status) bool {
 		return s.Secrets[sds.CertName] != "" && s.Secrets[sds.RootsName] != ""
 	})
 }
 
 func (px *proxy) addr(t *testing.T, listener string) string {
 	t.Helper()
-	a, ok := px.sim.Status().Listeners[listener]
+	a, ok := px.Sim.Status().Listeners[listener]
 	if !ok {
 		t.Fatalf("no listener %s", listener)
 	}
 	return a
 }
 
-func (px *proxy) counter(name string) uint64 { return px.sim.Status().Counters[name] }
+func (px *proxy) counter(name string) uint64 { return px.Sim.Status().Counters[name] }
 
 // waitCounter waits until a counter reaches n.
 func (px *proxy) waitCounter(t *testing.T, ctx context.Context, name string, n uint64) {
 	t.Helper()
-	px.wait(t, ctx, name+" reaches "+strconv.FormatUint(n, 10), func(s envoysim.Status) bool { return s.Counters[name] >= n })
+	px.Wait(t, ctx, name+" reaches "+strconv.FormatUint(n, 10), func(s envoysim.Status) bool { return s.Counters[name] >= n })
 }
 
 // service describes one side of the two-service mesh.
@@ -323,15 +200,4 @@ func destination(fqdn, addr string) envoyconfig.Destination {
 	ap := netip.MustParseAddrPort(addr)
 	return envoyconfig.Destination{FQDN: fqdn, Listen: netip.MustParseAddrPort("127.0.0.1:0"),
 		Address: ap.Addr().String(), Port: ap.Port()}
-}
-
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimSuffix(string(b), "\n"))
-	return len(b), nil
 }

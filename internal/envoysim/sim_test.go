@@ -19,6 +19,7 @@ import (
 	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/internal/envoysim"
+	"github.com/meshca/meshca/internal/envoysim/envoysimtest"
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/policy/envoyconfig"
 	"github.com/meshca/meshca/sds"
@@ -37,7 +38,7 @@ type mesh struct {
 
 func newMesh(t *testing.T, ctx context.Context, pol policy.Policy) *mesh {
 	t.Helper()
-	m := &mesh{ca: catest.NewAuthority(t, nil), webApp: app(t, "web"), dbApp: app(t, "db")}
+	m := &mesh{ca: catest.NewAuthority(t, nil), webApp: envoysimtest.App(t, "web: "), dbApp: envoysimtest.App(t, "db: ")}
 	m.dbSnap = issue(t, m.ca, dbID)
 	m.webSocket, m.webAgent = agent(t, issue(t, m.ca, webID))
 	m.dbSocket, m.dbAgent = agent(t, m.dbSnap)
@@ -107,13 +108,13 @@ var policies = []struct {
 func (m *mesh) check(t *testing.T, ctx context.Context, want expect) {
 	t.Helper()
 	before := m.db.counter(want.dbChain)
-	if got := exchange(t, ctx, m.toDB(t), "hello", nil); got != "db: hello" {
+	if got := envoysimtest.Exchange(t, ctx, m.toDB(t), "hello", nil); got != "db: hello" {
 		t.Fatalf("web → db through the proxies got %q, want %q", got, "db: hello")
 	}
 	m.db.waitCounter(t, ctx, want.dbChain, before+1)
 
 	before = m.web.counter(want.webChainForDB)
-	if got := exchange(t, ctx, m.toWeb(t), "hi", nil); got != "web: hi" {
+	if got := envoysimtest.Exchange(t, ctx, m.toWeb(t), "hi", nil); got != "web: hi" {
 		t.Fatalf("db → web through the proxies got %q, want %q", got, "web: hi")
 	}
 	m.web.waitCounter(t, ctx, want.webChainForDB, before+1)
@@ -124,7 +125,7 @@ func (m *mesh) check(t *testing.T, ctx context.Context, want expect) {
 		accept bool
 	}{{"db", m.db, want.dbPlaintext}, {"web", m.web, want.webPlaintext}} {
 		refused := side.px.counter(noChain)
-		got := exchange(t, ctx, side.px.addr(t, envoyconfig.InboundListener), "plain", nil)
+		got := envoysimtest.Exchange(t, ctx, side.px.addr(t, envoyconfig.InboundListener), "plain", nil)
 		switch {
 		case side.accept && got != side.name+": plain":
 			t.Fatalf("plaintext client to %s's inbound got %q, want it accepted", side.name, got)
@@ -172,7 +173,7 @@ func TestInboundMTLSChecksTheClient(t *testing.T) {
 	client := issue(t, m.ca, spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/client"))
 
 	var seen []*x509.Certificate
-	if got := exchange(t, ctx, dbIn, "direct", clientTLS(client, &seen)); got != "db: direct" {
+	if got := envoysimtest.Exchange(t, ctx, dbIn, "direct", clientTLS(client, &seen)); got != "db: direct" {
 		t.Fatalf("mTLS client with a mesh certificate got %q", got)
 	}
 	if len(seen) != 1 || !seen[0].Equal(m.dbSnap.Chain[0]) {
@@ -188,7 +189,7 @@ func TestInboundMTLSChecksTheClient(t *testing.T) {
 		if snap.Chain == nil {
 			tc.Certificates = nil
 		}
-		if got := exchange(t, ctx, dbIn, "direct", tc); got != "" {
+		if got := envoysimtest.Exchange(t, ctx, dbIn, "direct", tc); got != "" {
 			t.Fatalf("%s: got %q, want the handshake refused", name, got)
 		}
 		m.db.waitCounter(t, ctx, handshakeErrors, n+1)
@@ -210,18 +211,18 @@ func TestSDSPushesReachNewConnections(t *testing.T) {
 	m := newMesh(t, ctx, policies[0].pol)
 	dbIn := m.db.addr(t, envoyconfig.InboundListener)
 	client := issue(t, m.ca, spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/client"))
-	held := m.db.sim.Status().Secrets
+	held := m.db.Sim.Status().Secrets
 
 	// A renewed certificate is presented from the next handshake on.
 	renewed := issue(t, m.ca, dbID)
 	if err := m.dbAgent.Set(renewed); err != nil {
 		t.Fatal(err)
 	}
-	m.db.wait(t, ctx, "the renewed certificate arrives", func(s envoysim.Status) bool {
+	m.db.Wait(t, ctx, "the renewed certificate arrives", func(s envoysim.Status) bool {
 		return s.Secrets[sds.CertName] != held[sds.CertName]
 	})
 	var seen []*x509.Certificate
-	if got := exchange(t, ctx, dbIn, "x", clientTLS(client, &seen)); got != "db: x" {
+	if got := envoysimtest.Exchange(t, ctx, dbIn, "x", clientTLS(client, &seen)); got != "db: x" {
 		t.Fatalf("got %q", got)
 	}
 	if len(seen) != 1 || !seen[0].Equal(renewed.Chain[0]) {
@@ -233,16 +234,16 @@ func TestSDSPushesReachNewConnections(t *testing.T) {
 	if err := m.dbAgent.Set(sds.Snapshot{Chain: renewed.Chain, Key: renewed.Key, Roots: []*x509.Certificate{other}}); err != nil {
 		t.Fatal(err)
 	}
-	m.db.wait(t, ctx, "the new trust bundle arrives", func(s envoysim.Status) bool {
+	m.db.Wait(t, ctx, "the new trust bundle arrives", func(s envoysim.Status) bool {
 		return s.Secrets[sds.RootsName] != held[sds.RootsName]
 	})
 	n := m.db.counter("listener.inbound.mtls.ssl.handshake_error")
-	if got := exchange(t, ctx, dbIn, "x", clientTLS(client, nil)); got != "" {
+	if got := envoysimtest.Exchange(t, ctx, dbIn, "x", clientTLS(client, nil)); got != "" {
 		t.Fatalf("client of a root no longer trusted got %q", got)
 	}
 	m.db.waitCounter(t, ctx, "listener.inbound.mtls.ssl.handshake_error", n+1)
 	// And so is web, whose mTLS connections no longer verify.
-	if got := exchange(t, ctx, m.toDB(t), "x", nil); got != "" {
+	if got := envoysimtest.Exchange(t, ctx, m.toDB(t), "x", nil); got != "" {
 		t.Errorf("web → db got %q after db stopped trusting web's root", got)
 	}
 }
@@ -250,7 +251,7 @@ func TestSDSPushesReachNewConnections(t *testing.T) {
 func TestOutboundMTLSChecksTheServer(t *testing.T) {
 	ctx := testCtx(t)
 	m := newMesh(t, ctx, policies[0].pol)
-	held := m.web.sim.Status().Secrets[sds.RootsName]
+	held := m.web.Sim.Status().Secrets[sds.RootsName]
 	// web's bundle loses the mesh's root: db's certificate no longer verifies.
 	other := catest.NewRoot(t, ca.Validity{NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)})
 	snap := issue(t, m.ca, webID)
@@ -258,12 +259,12 @@ func TestOutboundMTLSChecksTheServer(t *testing.T) {
 	if err := m.webAgent.Set(snap); err != nil {
 		t.Fatal(err)
 	}
-	m.web.wait(t, ctx, "the new trust bundle arrives", func(s envoysim.Status) bool {
+	m.web.Wait(t, ctx, "the new trust bundle arrives", func(s envoysim.Status) bool {
 		return s.Secrets[sds.RootsName] != held
 	})
 	cluster := "cluster." + envoyconfig.OutboundName(destination(dbFQDN, m.db.addr(t, envoyconfig.InboundListener)))
 	n := m.web.counter(cluster + ".ssl.handshake_error")
-	if got := exchange(t, ctx, m.toDB(t), "x", nil); got != "" {
+	if got := envoysimtest.Exchange(t, ctx, m.toDB(t), "x", nil); got != "" {
 		t.Fatalf("web → db got %q, though web cannot verify db", got)
 	}
 	m.web.waitCounter(t, ctx, cluster+".ssl.handshake_error", n+1)
@@ -284,10 +285,10 @@ func TestListenerFilterTimeout(t *testing.T) {
 				_ = c.SetDeadline(dl)
 			}
 			// Two waiters: the poll ticker and the inspection's timer.
-			if err := m.db.clock.BlockUntilContext(ctx, 2); err != nil {
+			if err := m.db.Clock.BlockUntilContext(ctx, 2); err != nil {
 				t.Fatal(err)
 			}
-			m.db.clock.Advance(15 * time.Second)
+			m.db.Clock.Advance(15 * time.Second)
 			got, _ := io.ReadAll(io.LimitReader(c, 4))
 			if want := map[bool]string{true: "db: ", false: ""}[p.want.dbPlaintext]; string(got) != want {
 				t.Errorf("silent client got %q, want %q", got, want)
@@ -299,20 +300,20 @@ func TestListenerFilterTimeout(t *testing.T) {
 func TestRefusedFilesKeepTheConfiguration(t *testing.T) {
 	ctx := testCtx(t)
 	m := newMesh(t, ctx, policies[0].pol)
-	good := m.db.sim.Status().LDS.Version
+	good := m.db.Sim.Status().LDS.Version
 	lds := filepath.Join(m.db.dir, envoyconfig.LDSFile)
 	if err := atomicfile.Write(lds, []byte(`{"type_url": "nonsense"}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	m.db.poll()
-	st := m.db.wait(t, ctx, "the file is refused", func(s envoysim.Status) bool { return s.LDS.Err != nil })
+	m.db.Poll()
+	st := m.db.Wait(t, ctx, "the file is refused", func(s envoysim.Status) bool { return s.LDS.Err != nil })
 	if st.LDS.Version != good {
 		t.Errorf("version %s after a refused file, want %s kept", st.LDS.Version, good)
 	}
 	m.check(t, ctx, policies[0].want)
 	// A valid file is taken again.
 	m.setPolicy(t, ctx, policies[1].pol)
-	if err := m.db.sim.Status().LDS.Err; err != nil {
+	if err := m.db.Sim.Status().LDS.Err; err != nil {
 		t.Errorf("error %v kept after a valid file", err)
 	}
 	m.check(t, ctx, policies[1].want)
@@ -321,7 +322,7 @@ func TestRefusedFilesKeepTheConfiguration(t *testing.T) {
 func TestUnsupportedConfigurationIsRefused(t *testing.T) {
 	ctx := testCtx(t)
 	socket, _ := agent(t, issue(t, catest.NewAuthority(t, nil), dbID))
-	p := service(dbFQDN, app(t, "db"), socket, policies[0].pol)
+	p := service(dbFQDN, envoysimtest.App(t, "db: "), socket, policies[0].pol)
 	res, err := envoyconfig.Render(p)
 	if err != nil {
 		t.Fatal(err)
@@ -331,8 +332,8 @@ func TestUnsupportedConfigurationIsRefused(t *testing.T) {
 	if err := envoyconfig.Write(px.dir, res); err != nil {
 		t.Fatal(err)
 	}
-	px.poll()
-	st := px.wait(t, ctx, "the listener is refused", func(s envoysim.Status) bool { return s.LDS.Err != nil })
+	px.Poll()
+	st := px.Wait(t, ctx, "the listener is refused", func(s envoysim.Status) bool { return s.LDS.Err != nil })
 	if !strings.Contains(st.LDS.Err.Error(), "per_connection_buffer_limit_bytes") {
 		t.Errorf("error %v does not name the unsupported field", st.LDS.Err)
 	}

@@ -16,6 +16,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -353,6 +354,51 @@ func TestWrite(t *testing.T) {
 	if err := protojson.Unmarshal(data, back); err != nil || !proto.Equal(back, b) {
 		t.Errorf("bootstrap file does not hold the bootstrap (%v)", err)
 	}
+}
+
+// TestRead: Read gives back what Write wrote, and refuses a directory
+// without both files or with one that does not validate.
+func TestRead(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := envoyconfig.Read(dir); !errors.Is(err, os.ErrNotExist) || !strings.HasPrefix(err.Error(), "envoyconfig: ") {
+		t.Errorf("Read of an empty directory = %v, want an envoyconfig error wrapping ErrNotExist", err)
+	}
+	r := render(t, proxy(cases[0].pol))
+	if err := envoyconfig.Write(dir, r); err != nil {
+		t.Fatal(err)
+	}
+	back, err := envoyconfig.Read(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.EqualFunc(back.Listeners, r.Listeners, func(a, b *listenerv3.Listener) bool { return proto.Equal(a, b) }) ||
+		!slices.EqualFunc(back.Clusters, r.Clusters, func(a, b *clusterv3.Cluster) bool { return proto.Equal(a, b) }) {
+		t.Error("Read does not give back what Write wrote")
+	}
+	// A listener whose own rules pass and whose tcp_proxy, inside an Any
+	// inside the file's Any, lacks its stat prefix.
+	l := proto.Clone(listener(t, r, envoyconfig.InboundListener)).(*listenerv3.Listener)
+	l.FilterChains[0].Filters[0].ConfigType = &listenerv3.Filter_TypedConfig{
+		TypedConfig: mustAny(t, &tcpproxyv3.TcpProxy{ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: "x"}})}
+	lds, err := envoyconfig.Marshal(&discoveryv3.DiscoveryResponse{TypeUrl: envoyconfig.ListenerType, Resources: []*anypb.Any{mustAny(t, l)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, envoyconfig.LDSFile), lds, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := envoyconfig.Read(dir); err == nil || !strings.Contains(err.Error(), "StatPrefix") {
+		t.Errorf("Read of a listener whose tcp_proxy does not validate = %v, want its missing stat prefix", err)
+	}
+}
+
+func mustAny(t *testing.T, m proto.Message) *anypb.Any {
+	t.Helper()
+	a, err := anypb.New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }
 
 func TestInvalidProxies(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
@@ -120,6 +121,20 @@ func Write(dir string, r *Resources) error {
 		return fmt.Errorf("envoyconfig: %w", err)
 	}
 	return nil
+}
+
+// Read parses and validates the LDS and CDS files in dir, as Write left
+// them.
+func Read(dir string) (*Resources, error) {
+	lds, err := os.ReadFile(filepath.Join(dir, LDSFile))
+	if err != nil {
+		return nil, fmt.Errorf("envoyconfig: %w", err)
+	}
+	cds, err := os.ReadFile(filepath.Join(dir, CDSFile))
+	if err != nil {
+		return nil, fmt.Errorf("envoyconfig: %w", err)
+	}
+	return Parse(lds, cds)
 }
 
 // WriteBootstrap writes b to path, atomically.
