@@ -127,7 +127,7 @@ one with --sds-token-file.`,
 			if err != nil {
 				return err
 			}
-			if err := st.server.Listen(); err != nil {
+			if err := st.listen(); err != nil {
 				return err
 			}
 			// The banner tells people to use the bundle file: it must exist

@@ -98,6 +98,7 @@ type stack struct {
 	rotator   *rotation.Rotator // nil for a plugged-in CA
 	admin     *admin.Server
 	adminOpts adminOptions
+	adminLs   []net.Listener // opened by listen
 	keysRun   func(ctx context.Context) error
 	elector   leader.Elector
 	// mtlsStore is the mesh mTLS policy: the admin API edits it, SDS
@@ -310,19 +311,27 @@ func (s *stack) buildAdmin(c stackConfig) error {
 // run serves until ctx ends. bundlePath, when set, receives the trust
 // bundle now and after every change.
 func (s *stack) run(ctx context.Context, bundlePath string) error {
-	if err := s.server.Listen(); err != nil {
+	if err := s.listen(); err != nil {
 		return err
 	}
 	return s.serve(ctx, bundlePath)
 }
 
-func (s *stack) serve(ctx context.Context, bundlePath string) error {
-	adminLs, err := s.adminListeners(s.adminOpts)
-	if err != nil {
+// listen opens every listener (the server's and the admin API's), so that
+// whatever announces the server afterwards can be acted on at once.
+func (s *stack) listen() error {
+	if err := s.server.Listen(); err != nil {
 		return err
 	}
+	var err error
+	s.adminLs, err = s.adminListeners(s.adminOpts)
+	return err
+}
+
+// serve serves on the listeners listen opened until ctx ends.
+func (s *stack) serve(ctx context.Context, bundlePath string) error {
 	g, ctx := errgroup.WithContext(ctx)
-	for _, l := range adminLs {
+	for _, l := range s.adminLs {
 		g.Go(func() error { return s.admin.Serve(ctx, l) })
 	}
 	if s.rotator != nil {
