@@ -185,9 +185,7 @@ func newAuditShowCommand() *cobra.Command {
 					if err != nil {
 						return err
 					}
-					enc := json.NewEncoder(cmd.OutOrStdout())
-					enc.SetIndent("", "  ")
-					return enc.Encode(m.Record)
+					return printJSON(cmd.OutOrStdout(), m.Record)
 				}
 				return fmt.Errorf("no certificate with serial %s in the ledger", args[0])
 			})

@@ -93,9 +93,7 @@ CPU the server cannot avoid spending per stream.`,
 				return err
 			}
 			if o.json {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(rep)
+				return printJSON(cmd.OutOrStdout(), rep)
 			}
 			rep.writeText(cmd.OutOrStdout())
 			return nil

@@ -42,16 +42,26 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
-// meshcaCmd runs one meshca command line to completion.
+// meshcaCmd runs one meshca command line to completion, failing the test
+// if it fails.
 func meshcaCmd(t *testing.T, args ...string) string {
 	t.Helper()
+	out, errs, err := meshcaRun(args...)
+	if err != nil {
+		t.Fatalf("meshca %s: %v\nstderr: %s", strings.Join(args, " "), err, errs)
+	}
+	return out
+}
+
+// meshcaRun runs one meshca command line in-process and returns what it
+// printed and its error. It does not touch the test, so it may run on any
+// goroutine.
+func meshcaRun(args ...string) (stdout, stderr string, err error) {
 	var out, errs bytes.Buffer
 	cmd := newRootCommand(&out, &errs)
 	cmd.SetArgs(args)
-	if err := cmd.ExecuteContext(context.Background()); err != nil {
-		t.Fatalf("meshca %s: %v\nstderr: %s", strings.Join(args, " "), err, errs.String())
-	}
-	return out.String()
+	err = cmd.ExecuteContext(context.Background())
+	return out.String(), errs.String(), err
 }
 
 type devServer struct {

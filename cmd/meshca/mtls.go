@@ -45,18 +45,7 @@ func newMTLSStatusCommand(o *adminClientOptions) *cobra.Command {
 		Short: "The policy in force, where it is stored, and whether the stored version is",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			var st admin.MTLSStatus
-			if err := c.Do(cmd.Context(), http.MethodGet, "/v1/mtls", nil, &st); err != nil {
-				return err
-			}
-			if o.asJSON {
-				return printJSON(cmd.OutOrStdout(), st)
-			}
-			return printMTLSStatus(cmd.OutOrStdout(), st)
+			return callAdmin(cmd, o, http.MethodGet, "/v1/mtls", nil, printMTLSStatus)
 		},
 	}
 }
@@ -68,7 +57,7 @@ func newMTLSEnableCommand(o *adminClientOptions) *cobra.Command {
 		Short: "Turn mTLS on (see what STRICT would cut off with `meshca mtls plan` first)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return postMTLSChange(cmd, o, "/v1/mtls/enable", req)
+			return callAdmin(cmd, o, http.MethodPost, "/v1/mtls/enable", req, printMTLSChange)
 		},
 	}
 	cmd.Flags().StringVar((*string)(&req.Mode), "mode", "", "strict (mTLS only) or permissive (mTLS and plaintext); default: the stored mode, strict unless set")
@@ -81,7 +70,7 @@ func newMTLSDisableCommand(o *adminClientOptions) *cobra.Command {
 		Short: "Turn mTLS off (the mode and exclusions are kept for the next enable)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return postMTLSChange(cmd, o, "/v1/mtls/disable", nil)
+			return callAdmin(cmd, o, http.MethodPost, "/v1/mtls/disable", nil, printMTLSChange)
 		},
 	}
 }
@@ -107,7 +96,7 @@ checked first: one invalid name, or one that is not excluded when removing,
 changes nothing.`,
 			Args: cobra.MinimumNArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				return postMTLSChange(cmd, o, "/v1/mtls/exclusions/"+verb, admin.MTLSNamesRequest{Names: args})
+				return callAdmin(cmd, o, http.MethodPost, "/v1/mtls/exclusions/"+verb, admin.MTLSNamesRequest{Names: args}, printMTLSChange)
 			},
 		})
 	}
@@ -128,18 +117,7 @@ server, or meshca dev with --kubeconfig). A proxy is found by its SDS stream
 to the server: see the note the plan ends with for what that cannot see.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			var plan admin.MTLSPlan
-			if err := c.Do(cmd.Context(), http.MethodGet, "/v1/mtls/plan"+admin.PlanQuery(exclude), nil, &plan); err != nil {
-				return err
-			}
-			if o.asJSON {
-				return printJSON(cmd.OutOrStdout(), plan)
-			}
-			return printMTLSPlan(cmd.OutOrStdout(), plan)
+			return callAdmin(cmd, o, http.MethodGet, "/v1/mtls/plan"+admin.PlanQuery(exclude), nil, printMTLSPlan)
 		},
 	}
 	cmd.Flags().StringSliceVar(&exclude, "exclude", nil, "plan as if these names were excluded too (nothing is stored)")
@@ -165,20 +143,11 @@ or --sidecar '*.<namespace>.svc.<domain>' for every pod of an excluded
 namespace.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			var r admin.MTLSRender
 			q := admin.RenderQuery(rootNamespace, clusterDomain, sidecars)
-			if err := c.Do(cmd.Context(), http.MethodGet, "/v1/mtls/render"+q, nil, &r); err != nil {
+			return callAdmin(cmd, o, http.MethodGet, "/v1/mtls/render"+q, nil, func(w io.Writer, r admin.MTLSRender) error {
+				_, err := io.WriteString(w, r.YAML)
 				return err
-			}
-			if o.asJSON {
-				return printJSON(cmd.OutOrStdout(), r)
-			}
-			_, err = io.WriteString(cmd.OutOrStdout(), r.YAML)
-			return err
+			})
 		},
 	}
 	fs := cmd.Flags()
@@ -188,22 +157,24 @@ namespace.`,
 	return cmd
 }
 
-// postMTLSChange sends one change and prints what it did.
-func postMTLSChange(cmd *cobra.Command, o *adminClientOptions, path string, body any) error {
+// callAdmin sends one request to the admin API and prints its answer, a
+// T: as JSON with --json, else with text.
+func callAdmin[T any](cmd *cobra.Command, o *adminClientOptions, method, path string, body any, text func(io.Writer, T) error) error {
 	c, err := o.client()
 	if err != nil {
 		return err
 	}
-	var ch admin.MTLSChange
-	if err := c.Do(cmd.Context(), http.MethodPost, path, body, &ch); err != nil {
+	var out T
+	if err := c.Do(cmd.Context(), method, path, body, &out); err != nil {
 		return err
 	}
 	if o.asJSON {
-		return printJSON(cmd.OutOrStdout(), ch)
+		return printJSON(cmd.OutOrStdout(), out)
 	}
-	return printMTLSChange(cmd.OutOrStdout(), ch)
+	return text(cmd.OutOrStdout(), out)
 }
 
+// printJSON writes v as indented JSON.
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

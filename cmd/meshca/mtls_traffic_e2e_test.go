@@ -303,12 +303,7 @@ type liveState struct {
 func TestMTLSPolicyOnLiveTraffic(t *testing.T) {
 	d := startDev(t, "--sds-socket=")
 	cli := mtlsCLI{socket: filepath.Join(d.dataDir, "admin", "admin.sock")}
-	testenv.Eventually(t, "the store has read the policy", func() error {
-		if out := cli.ok(t, "status"); strings.Contains(out, "not read yet") {
-			return errors.New(out)
-		}
-		return nil
-	})
+	cli.synced(t)
 	wantLines(t, "status", cli.ok(t, "status"), "mTLS off (nothing requires mTLS; enabling it would be STRICT)\n")
 
 	addrs := liveAddrs(t, 3)
@@ -401,6 +396,9 @@ type liveMark struct {
 	files map[string]time.Time
 }
 
+// liveFiles returns when each agent's LDS and CDS files were last written.
+// It only feeds the timing log: a file it cannot stat is logged and left
+// out, not a failure.
 func liveFiles(t *testing.T, ws ...*liveWorkload) map[string]time.Time {
 	t.Helper()
 	files := map[string]time.Time{}
@@ -409,7 +407,8 @@ func liveFiles(t *testing.T, ws ...*liveWorkload) map[string]time.Time {
 			path := filepath.Join(w.dir, f)
 			fi, err := os.Stat(path)
 			if err != nil {
-				t.Fatal(err)
+				t.Logf("timing log: %v", err)
+				continue
 			}
 			files[path] = fi.ModTime()
 		}

@@ -57,20 +57,33 @@ func kubeClientOf(authn identity.Authenticator) kubernetes.Interface {
 	return nil
 }
 
-// buildMTLSStore makes the store of the mesh mTLS policy: the ConfigMap
-// when the server has a Kubernetes client and --mtls-configmap names one,
-// the file otherwise. It starts nothing; the stack runs it.
+// mtlsInConfigMap says where the mesh mTLS policy is kept: in the
+// ConfigMap when the server has a Kubernetes client and --mtls-configmap
+// names one, in the file otherwise.
+func mtlsInConfigMap(c stackConfig) bool {
+	return kubeClientOf(c.authn) != nil && c.mtls.configMap != ""
+}
+
+// mtlsStoreName names the store buildMTLSStore makes, for status.
+func mtlsStoreName(c stackConfig) string {
+	if mtlsInConfigMap(c) {
+		return "configmap " + c.listen.namespace + "/" + c.mtls.configMap
+	}
+	return "file " + c.mtls.file
+}
+
+// buildMTLSStore makes the store of the mesh mTLS policy, where
+// mtlsInConfigMap says. It starts nothing; the stack runs it.
 func buildMTLSStore(ctx context.Context, c stackConfig, reg prometheus.Registerer) (policy.Store, error) {
 	log := c.log.With("component", "mtls-policy")
 	m := policy.NewMetrics(reg)
-	client := kubeClientOf(c.authn)
-	if client == nil || c.mtls.configMap == "" {
+	if !mtlsInConfigMap(c) {
 		if c.mtls.file == "" {
 			return nil, errors.New("--mtls-policy-file: no policy file")
 		}
 		return policy.NewFileStore(policy.FileConfig{Path: c.mtls.file, Logger: log, Metrics: m})
 	}
-	ns := c.listen.namespace
+	client, ns := kubeClientOf(c.authn), c.listen.namespace
 	// Without these the store never syncs and /readyz says so; the
 	// minimal deployment that issues certificates still starts.
 	cctx, cancel := context.WithTimeout(ctx, startupCheckTimeout)
@@ -111,17 +124,10 @@ func mtlsReadiness(s policy.Store) server.Check {
 func (s *stack) mtlsRoutes(c stackConfig) ([]admin.Route, error) {
 	cfg := admin.MTLSConfig{
 		Store:         s.mtlsStore,
+		StoreName:     mtlsStoreName(c),
 		ClusterDomain: c.mtls.clusterDomain,
 		Proxies:       admin.ConnectedProxies(s.sds),
 		NoInventory:   "no Kubernetes API server to list services from (meshca dev without --kubeconfig, or --authenticator=dev)",
-	}
-	switch st := s.mtlsStore.(type) {
-	case *kubestore.Store:
-		cfg.StoreName = "configmap " + c.listen.namespace + "/" + c.mtls.configMap
-	case *policy.FileStore:
-		cfg.StoreName = "file " + c.mtls.file
-	default:
-		cfg.StoreName = fmt.Sprintf("%T", st)
 	}
 	if client := kubeClientOf(c.authn); client != nil {
 		inv, err := kubestore.NewInventory(kubestore.InventoryConfig{Client: client, ClusterDomain: c.mtls.clusterDomain})

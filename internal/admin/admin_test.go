@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -59,10 +60,6 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ldone := make(chan error, 1)
-	go func() { ldone <- e.ledger.Run(ctx) }()
-
 	srv, err := sds.New(sds.Config{Source: sds.NewBroadcaster()})
 	if err != nil {
 		t.Fatal(err)
@@ -72,33 +69,50 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := admin.New(admin.Config{Routes: admin.RootRoutes(rot), Local: admin.LocalAuthorizer{}, Ledger: e.ledger})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.socket = filepath.Join(t.TempDir(), "admin", "admin.sock")
-	l, err := a.ListenUnix(e.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- a.Serve(ctx, l) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-		<-ldone
-		e.ledger.Close()
-	})
+	e.socket = serveAdmin(t, e.ledger, admin.RootRoutes(rot))
 	e.client = admin.NewUnixClient(e.socket)
 	return e
 }
 
-func (e *env) adminRecords(t *testing.T) []audit.Record {
+// serveAdmin runs ledger, and an admin server with routes and the local
+// authorizer on a real Unix socket, until the test ends; it returns the
+// socket's path. The ledger is closed at the end.
+func serveAdmin(t *testing.T, ledger *audit.Ledger, routes []admin.Route) string {
+	t.Helper()
+	a, err := admin.New(admin.Config{Routes: routes, Local: admin.LocalAuthorizer{}, Ledger: ledger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	socket := filepath.Join(t.TempDir(), "admin", "admin.sock")
+	l, err := a.ListenUnix(socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := ledger.Run(ctx); err != nil {
+			t.Errorf("ledger Run: %v", err)
+		}
+	})
+	wg.Go(func() {
+		if err := a.Serve(ctx, l); err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		ledger.Close()
+	})
+	return socket
+}
+
+// adminRecords are the admin records in l, oldest first.
+func adminRecords(t *testing.T, l *audit.Ledger) []audit.Record {
 	t.Helper()
 	var out []audit.Record
-	for r, err := range e.ledger.Query(context.Background(), audit.Filter{Kinds: []audit.Kind{audit.KindAdmin}}) {
+	for r, err := range l.Query(context.Background(), audit.Filter{Kinds: []audit.Kind{audit.KindAdmin}}) {
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -130,7 +144,7 @@ func TestRootStepsOverTheSocket(t *testing.T) {
 	if st.Phase != ca.PhaseIdle || len(st.Roots) != 1 || st.Roots[0].Slot != rotation.SlotCurrent {
 		t.Fatalf("status: %+v", st)
 	}
-	if got := e.adminRecords(t); len(got) != 0 {
+	if got := adminRecords(t, e.ledger); len(got) != 0 {
 		t.Errorf("reading the status wrote %d admin records, want none", len(got))
 	}
 
@@ -140,7 +154,7 @@ func TestRootStepsOverTheSocket(t *testing.T) {
 	if st.Phase != ca.PhasePrepared || len(st.Roots) != 2 {
 		t.Fatalf("after prepare: %+v", st)
 	}
-	recs := e.adminRecords(t)
+	recs := adminRecords(t, e.ledger)
 	if len(recs) != 2 || recs[0].Result != "started" || recs[1].Result != "ok" {
 		t.Fatalf("prepare wrote %d admin records %+v, want started then ok", len(recs), recs)
 	}
@@ -156,7 +170,7 @@ func TestRootStepsOverTheSocket(t *testing.T) {
 	if !errors.As(err, &apiErr) || apiErr.HTTPStatus != http.StatusConflict || !strings.Contains(apiErr.Body.Error, "already prepared") {
 		t.Fatalf("second prepare: %v", err)
 	}
-	if recs := e.adminRecords(t); len(recs) != 4 || recs[3].Result != "failed" || !strings.Contains(recs[3].Detail, "already prepared") {
+	if recs := adminRecords(t, e.ledger); len(recs) != 4 || recs[3].Result != "failed" || !strings.Contains(recs[3].Detail, "already prepared") {
 		t.Errorf("refused prepare: records %+v", recs)
 	}
 

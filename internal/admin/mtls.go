@@ -298,12 +298,9 @@ func (h mtlsHandlers) plan(ctx context.Context, r *http.Request) (any, error) {
 	cur, rev := h.cfg.Store.Current()
 	proposed := cur
 	proposed.Enabled, proposed.Mode = true, policy.ModeStrict
+	// Normalize checks the extra names along with the rest.
 	if extra := r.URL.Query()["exclude"]; len(extra) > 0 {
-		names, err := normalizeNames(extra)
-		if err != nil {
-			return nil, err
-		}
-		proposed.Excluded = append(slices.Clone(cur.Excluded), names...)
+		proposed.Excluded = append(slices.Clone(cur.Excluded), extra...)
 	}
 	proposed, err := proposed.Normalize()
 	if err != nil {

@@ -35,43 +35,36 @@ type mtlsEnv struct {
 // cfg's Store and StoreName are filled in.
 func startMTLS(t *testing.T, path string, cfg admin.MTLSConfig) *mtlsEnv {
 	t.Helper()
-	e := &mtlsEnv{path: path}
-	var err error
-	if e.store, err = policy.NewFileStore(policy.FileConfig{Path: path}); err != nil {
-		t.Fatal(err)
-	}
-	if e.ledger, err = audit.New(audit.Config{Dir: filepath.Join(t.TempDir(), "audit")}); err != nil {
-		t.Fatal(err)
-	}
-	cfg.Store, cfg.StoreName = e.store, "file "+path
-	a, err := admin.New(admin.Config{Routes: admin.MTLSRoutes(cfg), Local: admin.LocalAuthorizer{}, Ledger: e.ledger})
-	if err != nil {
-		t.Fatal(err)
-	}
-	socket := filepath.Join(t.TempDir(), "admin.sock")
-	l, err := a.ListenUnix(socket)
+	store, err := policy.NewFileStore(policy.FileConfig{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	for _, run := range []func(context.Context) error{e.ledger.Run, e.store.Run, func(ctx context.Context) error { return a.Serve(ctx, l) }} {
-		wg.Go(func() {
-			if err := run(ctx); err != nil {
-				t.Errorf("run: %v", err)
-			}
-		})
-	}
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-		e.ledger.Close()
+	wg.Go(func() {
+		if err := store.Run(ctx); err != nil {
+			t.Errorf("store Run: %v", err)
+		}
 	})
-	if err := e.store.WaitForSync(ctx); err != nil {
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	if err := store.WaitForSync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e.client = admin.NewUnixClient(socket)
+	cfg.Store, cfg.StoreName = store, "file "+path
+	e := serveMTLS(t, cfg)
+	e.path, e.store = path, store
 	return e
+}
+
+// serveMTLS serves MTLSRoutes over cfg.Store, which it does not run.
+func serveMTLS(t *testing.T, cfg admin.MTLSConfig) *mtlsEnv {
+	t.Helper()
+	ledger, err := audit.New(audit.Config{Dir: filepath.Join(t.TempDir(), "audit")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	socket := serveAdmin(t, ledger, admin.MTLSRoutes(cfg))
+	return &mtlsEnv{ledger: ledger, client: admin.NewUnixClient(socket)}
 }
 
 func (e *mtlsEnv) do(t *testing.T, method, path string, in, out any) *admin.APIError {
@@ -105,18 +98,6 @@ func (e *mtlsEnv) stored(t *testing.T) policy.Policy {
 		t.Fatal(err)
 	}
 	return p
-}
-
-func (e *mtlsEnv) records(t *testing.T) []audit.Record {
-	t.Helper()
-	var out []audit.Record
-	for r, err := range e.ledger.Query(context.Background(), audit.Filter{Kinds: []audit.Kind{audit.KindAdmin}}) {
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, r)
-	}
-	return out
 }
 
 func TestMTLSPolicyOverTheSocket(t *testing.T) {
@@ -177,7 +158,7 @@ func TestMTLSPolicyOverTheSocket(t *testing.T) {
 	}
 
 	// Each change is recorded before and after; reads are not.
-	recs := e.records(t)
+	recs := adminRecords(t, e.ledger)
 	type rec struct{ target, result string }
 	var got []rec
 	for _, r := range recs {
@@ -195,7 +176,19 @@ func TestMTLSPolicyOverTheSocket(t *testing.T) {
 		{"mtls/disable", "started"}, {"mtls/disable", "ok"},
 	}
 	if !slices.Equal(got, wantRecs) {
-		t.Errorf("admin records %v, want %v", got, wantRecs)
+		t.Fatalf("admin records %v, want %v", got, wantRecs)
+	}
+	// A "started" record holds the path and the body as sent, compacted; an
+	// empty or absent body leaves just the path.
+	for i, want := range map[int]string{
+		0:  `/v1/mtls/enable {"mode":"permissive"}`,
+		2:  "/v1/mtls/enable",
+		4:  `/v1/mtls/exclusions/add {"names":["Legacy.Shop.svc.cluster.local.","*.kube-system.svc.cluster.local"]}`,
+		10: "/v1/mtls/disable",
+	} {
+		if recs[i].Detail != want {
+			t.Errorf("record %d (%s %s): detail %q, want %q", i, recs[i].Target, recs[i].Result, recs[i].Detail, want)
+		}
 	}
 }
 
@@ -235,7 +228,7 @@ func TestMTLSInvalidRequestsStoreNothing(t *testing.T) {
 	if after, err := os.ReadFile(e.path); err != nil || string(after) != string(before) {
 		t.Errorf("refused requests changed the file:\n%s\nwas\n%s", after, before)
 	}
-	recs := e.records(t)
+	recs := adminRecords(t, e.ledger)
 	failed := 0
 	for _, r := range recs {
 		if r.Result == "failed" {
@@ -258,7 +251,7 @@ func TestMTLSStoreTrouble(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		e := serveStore(t, s)
+		e := serveMTLS(t, admin.MTLSConfig{Store: s})
 		err2 := e.do(t, http.MethodPost, "/v1/mtls/exclusions/add", admin.MTLSNamesRequest{Names: []string{"a.example"}}, nil)
 		if err2 == nil || err2.HTTPStatus != http.StatusConflict || !strings.Contains(err2.Body.Error, "malformed") {
 			t.Fatalf("change over a malformed file: %v", err2)
@@ -274,7 +267,7 @@ func TestMTLSStoreTrouble(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		e := serveStore(t, s)
+		e := serveMTLS(t, admin.MTLSConfig{Store: s})
 		err2 := e.do(t, http.MethodPost, "/v1/mtls/enable", nil, nil)
 		if err2 == nil || err2.HTTPStatus != http.StatusServiceUnavailable || !strings.Contains(err2.Body.Error, "not a directory") {
 			t.Fatalf("enable with an unwritable store: %v", err2)
@@ -287,30 +280,6 @@ func TestMTLSStoreTrouble(t *testing.T) {
 			t.Errorf("a failed enable shows as %s", st.Mode)
 		}
 	})
-}
-
-// serveStore serves MTLSRoutes over s without running it.
-func serveStore(t *testing.T, s *policy.FileStore) *mtlsEnv {
-	t.Helper()
-	ledger, err := audit.New(audit.Config{Dir: filepath.Join(t.TempDir(), "audit")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := admin.New(admin.Config{Routes: admin.MTLSRoutes(admin.MTLSConfig{Store: s}), Local: admin.LocalAuthorizer{}, Ledger: ledger})
-	if err != nil {
-		t.Fatal(err)
-	}
-	socket := filepath.Join(t.TempDir(), "admin.sock")
-	l, err := a.ListenUnix(socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = ledger.Run(ctx) })
-	wg.Go(func() { _ = a.Serve(ctx, l) })
-	t.Cleanup(func() { cancel(); wg.Wait(); ledger.Close() })
-	return &mtlsEnv{store: s, ledger: ledger, client: admin.NewUnixClient(socket)}
 }
 
 type fakeInventory struct {
@@ -363,10 +332,11 @@ func TestMTLSPlan(t *testing.T) {
 	if _, err := os.Stat(e.path); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a plan wrote the policy file: %v", err)
 	}
-	if err := e.do(t, http.MethodGet, "/v1/mtls/plan"+admin.PlanQuery([]string{"bad name"}), nil, nil); err == nil || err.HTTPStatus != http.StatusBadRequest {
+	if err := e.do(t, http.MethodGet, "/v1/mtls/plan"+admin.PlanQuery([]string{"ok.example", "bad name"}), nil, nil); err == nil ||
+		err.HTTPStatus != http.StatusBadRequest || !strings.Contains(err.Body.Error, `"bad name"`) || strings.Contains(err.Body.Error, "ok.example") {
 		t.Errorf("plan with a bad name: %v", err)
 	}
-	if n := len(e.records(t)); n != 0 {
+	if n := len(adminRecords(t, e.ledger)); n != 0 {
 		t.Errorf("plans wrote %d admin records", n)
 	}
 

@@ -14,6 +14,7 @@ import (
 	"github.com/go-jose/go-jose/v4/jwt"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -71,6 +72,37 @@ func (k *Kube) CreatePod(t testing.TB, ns, name, sa string) *corev1.Pod {
 		t.Fatalf("testenv: creating pod %s/%s: %v", ns, name, err)
 	}
 	return created
+}
+
+// CreateService creates Service ns/name, selecting pods labelled app=name,
+// and one EndpointSlice holding addrs, each backed by the pod of the same
+// index in pods ("" for none), as the controller-manager (not running
+// here) would. pods has one entry per address.
+func (k *Kube) CreateService(t testing.TB, ns, name string, addrs, pods []string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	_, err := k.clientset.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec:       corev1.ServiceSpec{Selector: map[string]string{"app": name}, Ports: []corev1.ServicePort{{Port: 8080}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("testenv: creating service %s/%s: %v", ns, name, err)
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+	}
+	for i, a := range addrs {
+		ep := discoveryv1.Endpoint{Addresses: []string{a}}
+		if pods[i] != "" {
+			ep.TargetRef = &corev1.ObjectReference{Kind: "Pod", Namespace: ns, Name: pods[i]}
+		}
+		slice.Endpoints = append(slice.Endpoints, ep)
+	}
+	if _, err := k.clientset.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("testenv: creating the EndpointSlice of service %s/%s: %v", ns, name, err)
+	}
 }
 
 // Token mints a token for service account ns/sa with the TokenRequest API.
