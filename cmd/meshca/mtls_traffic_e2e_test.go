@@ -11,11 +11,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/meshca/meshca/internal/envoysim"
+	"github.com/meshca/meshca/internal/envoysim/envoysimtest"
 	"github.com/meshca/meshca/internal/policy/envoyconfig"
 	"github.com/meshca/meshca/internal/testenv"
 )
@@ -45,38 +45,6 @@ type liveWorkload struct {
 	agentDone, simDone             chan error
 }
 
-// liveApp runs the application of workload name: it greets each connection
-// with "<name>: ", so a client knows whose application answered, then
-// echoes until the client half-closes.
-func liveApp(t *testing.T, name string) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(time.Minute)) // against a hang only
-				if _, err := io.WriteString(c, name+": "); err == nil {
-					_, _ = io.Copy(c, c)
-				}
-			})
-		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	return ln.Addr().String()
-}
-
 // liveAddrs returns n distinct free loopback addresses.
 func liveAddrs(t *testing.T, n int) []string {
 	t.Helper()
@@ -104,7 +72,7 @@ func startLiveWorkload(t *testing.T, d *devServer, name, inbound, destination, o
 		destination: destination, outbound: outbound,
 		socket: filepath.Join(t.TempDir(), "sds.sock"), dir: filepath.Join(t.TempDir(), "envoy"),
 		agentDone: make(chan error, 1), simDone: make(chan error, 1)}
-	app := liveApp(t, name)
+	app := envoysimtest.App(t, name+": ").String()
 	tok := writeFile(t, name+".token", []byte(meshcaCmd(t, "dev", "token", "--data-dir", d.dataDir, "-n", "default", "-s", name)))
 	args := []string{"agent", "--addr", d.grpcAddr, "--ca-bundle", filepath.Join(d.dataDir, devBundleFile),
 		"--token-file", tok, "--socket", w.socket, "--envoy-config-dir", w.dir, "--service-fqdn", w.fqdn,

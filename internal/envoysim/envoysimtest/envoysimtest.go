@@ -42,6 +42,7 @@ func App(tb testing.TB, greeting string) netip.AddrPort {
 			}
 			wg.Go(func() {
 				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(time.Minute)) // against a hang only
 				if _, err := io.WriteString(c, greeting); err == nil {
 					_, _ = io.Copy(c, c)
 				}
