@@ -314,6 +314,12 @@ func (s *stack) run(ctx context.Context, bundlePath string) error {
 	if err := s.listen(); err != nil {
 		return err
 	}
+	// The bundle exists before the server says it serves, as in dev.
+	if bundlePath != "" {
+		if err := writeBundleOnce(s.authority, bundlePath); err != nil {
+			return err
+		}
+	}
 	return s.serve(ctx, bundlePath)
 }
 
