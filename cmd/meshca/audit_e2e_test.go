@@ -18,15 +18,14 @@ import (
 	"github.com/meshca/meshca/internal/caclient"
 )
 
-// meshcaProcess runs `meshca dev` in a child process (the test binary, see
-// TestMain) and returns it with its CA API address. Later flags in extra
-// override the defaults.
+// meshcaProcess runs `meshca dev` in a child process (see meshcaChild) and
+// returns it with its CA API address. Later flags in extra override the
+// defaults.
 func meshcaProcess(t *testing.T, dataDir string, extra ...string) (*exec.Cmd, string) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0])
 	args := append([]string{"dev", "--data-dir", dataDir,
 		"--grpc-addr", "127.0.0.1:0", "--monitor-addr", "127.0.0.1:0", "--log-level", "warn"}, extra...)
-	cmd.Env = append(os.Environ(), mainArgsEnv+"="+strings.Join(args, "\n"))
+	cmd := meshcaChild(context.Background(), args...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

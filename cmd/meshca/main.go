@@ -17,12 +17,22 @@ import (
 )
 
 func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run runs meshca with args until the command ends or SIGINT or SIGTERM
+// cancels it, and returns the process's exit status: 0, or 1 once it has
+// printed "meshca: <error>" on stderr.
+func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := newRootCommand(os.Stdout, os.Stderr).ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "meshca:", err)
-		os.Exit(1)
+	cmd := newRootCommand(stdout, stderr)
+	cmd.SetArgs(args)
+	if err := cmd.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(stderr, "meshca:", err)
+		return 1
 	}
+	return 0
 }
 
 type globalOptions struct {

@@ -4,13 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
-	"os"
+	"maps"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -22,13 +20,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/internal/audit"
-	"github.com/meshca/meshca/internal/caclient"
 	"github.com/meshca/meshca/internal/rotation"
 	"github.com/meshca/meshca/internal/testenv"
 	"github.com/meshca/meshca/sds"
@@ -55,16 +49,15 @@ func (r execResult) exitCode() int {
 	return 0
 }
 
-// meshcaExec runs meshca in a process of its own (the test binary, see
-// TestMain), as a user runs it from a shell, and returns what it printed
-// and how it exited. Unlike meshcaCmd it does not fail the test: refusals
-// are what some callers want to see.
+// meshcaExec runs meshca in a process of its own (see meshcaChild), as a
+// user runs it from a shell, and returns what it printed and how it
+// exited. Unlike meshcaCmd it does not fail the test: refusals are what
+// some callers want to see.
 func meshcaExec(t *testing.T, args ...string) execResult {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0])
-	cmd.Env = append(os.Environ(), mainArgsEnv+"="+strings.Join(args, "\n"))
+	cmd := meshcaChild(ctx, args...)
 	var out, errs bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errs
 	err := cmd.Run()
@@ -100,14 +93,14 @@ func startGateRig(t *testing.T) *gateRig {
 	// No node agent: its upstream stream would be a fourth proxy.
 	d, _, _ := runDev(t, "--sds-socket=")
 	g := &gateRig{t: t, d: d, socket: filepath.Join(d.dataDir, "admin", "admin.sock")}
-	g.acking = g.proxy("acking", sdstest.Config{})
-	g.rejecting = g.proxy("rejecting", sdstest.Config{Reject: func(sec *tlsv3.Secret) error {
+	g.acking = centralProxy(t, d, "shop", "acking", sdstest.Config{})
+	g.rejecting = centralProxy(t, d, "shop", "rejecting", sdstest.Config{Reject: func(sec *tlsv3.Secret) error {
 		if n := bundleSize(sec); n > 1 {
 			return fmt.Errorf("%s, got %d", gateRejection, n)
 		}
 		return nil
 	}})
-	g.holding = g.proxy("holding", sdstest.Config{Hold: func(ctx context.Context, r sdstest.Response) {
+	g.holding = centralProxy(t, d, "shop", "holding", sdstest.Config{Hold: func(ctx context.Context, r sdstest.Response) {
 		for _, sec := range r.Secrets {
 			if bundleSize(sec) > 1 {
 				<-ctx.Done() // until the stream ends: the answer never goes out
@@ -128,46 +121,6 @@ func bundleSize(sec *tlsv3.Secret) int {
 		return 0 // the client has already NACKed a bundle that does not parse
 	}
 	return len(roots)
-}
-
-// proxy connects an Envoy-like SDS client for ns shop, service account sa,
-// to the server's CA port with a development token, subscribed to its
-// certificate and the trust bundle, and waits until it holds both. The
-// stream lasts until the test ends or the client disconnects.
-func (g *gateRig) proxy(sa string, cfg sdstest.Config) *sdstest.Client {
-	t := g.t
-	t.Helper()
-	roots, err := caclient.LoadBundle(filepath.Join(g.d.dataDir, devBundleFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
-	host, _, _ := net.SplitHostPort(g.d.grpcAddr)
-	conn, err := grpc.NewClient(g.d.grpcAddr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: host})))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	tok := strings.TrimSpace(meshcaCmd(t, "dev", "token", "--data-dir", g.d.dataDir, "-n", "shop", "-s", sa))
-	cfg.Conn, cfg.Node = conn, sa
-	cfg.Names = []string{"default", sds.RootsName}
-	cfg.Metadata = metadata.Pairs("authorization", "Bearer "+tok)
-	c := sdstest.New(cfg)
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	if err := c.Connect(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Disconnect)
-	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
-	defer wcancel()
-	if _, err := c.Wait(wctx, func(s sdstest.State) bool { return s.Has("default", sds.RootsName) }); err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 // root runs `meshca root args...` against the rig's admin socket and logs
@@ -203,16 +156,14 @@ func (g *gateRig) refused(args ...string) execResult {
 	return r
 }
 
-// status is what `meshca root status --json` says.
+// status is what `meshca root status --json` says, run in this process:
+// waitFor polls it.
 func (g *gateRig) status() rotation.Status {
 	g.t.Helper()
-	r := meshcaExec(g.t, "root", "status", "--json", "--admin-socket", g.socket)
-	if r.err != nil {
-		g.t.Fatalf("meshca root status: %v\n%s", r.err, r.stderr)
-	}
+	out := meshcaCmd(g.t, "root", "status", "--json", "--admin-socket", g.socket)
 	var st rotation.Status
-	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
-		g.t.Fatalf("meshca root status --json: %v\n%s", err, r.stdout)
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		g.t.Fatalf("meshca root status --json: %v\n%s", err, out)
 	}
 	return st
 }
@@ -233,24 +184,12 @@ func (g *gateRig) waitFor(connected, acked int, want map[spiffeid.ID]string) rot
 			got[spiffeid.RequireFromString(m.Identity)] = m.State
 		}
 		next := rootIn(st, rotation.SlotNext)
-		if st.Proxies != connected || next.AckedProxies != acked || !mapsEqual(got, want) {
+		if st.Proxies != connected || next.AckedProxies != acked || !maps.Equal(got, want) {
 			return fmt.Errorf("%d connected, %d ACKed the new root, missing %v; want %d, %d, %v", st.Proxies, next.AckedProxies, got, connected, acked, want)
 		}
 		return nil
 	})
 	return st
-}
-
-func mapsEqual(a, b map[spiffeid.ID]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
 
 // rootIn returns the root in slot; the zero Root when there is none.
@@ -269,28 +208,12 @@ func lastLine(s string) string {
 	return lines[len(lines)-1]
 }
 
-// wantSays checks that out says each of lines, with runs of spaces (table
-// padding) read as one.
-func wantSays(t *testing.T, what, out string, lines ...string) {
-	t.Helper()
-	flat := strings.Join(strings.Fields(out), " ")
-	for _, l := range lines {
-		if !strings.Contains(flat, strings.Join(strings.Fields(l), " ")) {
-			t.Errorf("%s does not say %q:\n%s", what, l, out)
-		}
-	}
-}
-
 // activateRecords are the admin records of `activate` in the ledger, from
 // `meshca audit list --json`, oldest first.
 func activateRecords(t *testing.T, dataDir string) []audit.Record {
 	t.Helper()
-	r := meshcaExec(t, "audit", "list", "--data-dir", dataDir, "--json")
-	if r.err != nil {
-		t.Fatalf("meshca audit list: %v\n%s", r.err, r.stderr)
-	}
 	var out []audit.Record
-	sc := bufio.NewScanner(strings.NewReader(r.stdout))
+	sc := bufio.NewScanner(strings.NewReader(meshcaCmd(t, "audit", "list", "--data-dir", dataDir, "--json")))
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
 		var rec audit.Record
@@ -367,7 +290,7 @@ func TestActivateWaitsForEveryProxy(t *testing.T) {
 		if st.Phase != ca.PhasePrepared || newRoot == "" || newRoot == oldRoot || rootIn(st, rotation.SlotCurrent).Fingerprint != oldRoot {
 			t.Fatalf("after prepare: %+v", st)
 		}
-		wantSays(t, "prepare", prepared.stdout, "phase prepared since", "next "+shortFP(newRoot), "current "+shortFP(oldRoot))
+		wantLines(t, "prepare", prepared.stdout, "phase prepared since", "next "+shortFP(newRoot), "current "+shortFP(oldRoot))
 
 		// The new bundle reaches each proxy; each answers in its way.
 		st = g.waitFor(3, 1, map[spiffeid.ID]string{gateRejecting: rotation.StateRejected, gateHolding: rotation.StatePending})
@@ -381,9 +304,9 @@ func TestActivateWaitsForEveryProxy(t *testing.T) {
 		var runs []execResult
 		r := g.refused("activate")
 		runs = append(runs, r)
-		wantSays(t, "refused activate", lastLine(r.stderr),
+		wantLines(t, "refused activate", lastLine(r.stderr),
 			"meshca: ", "activate refused: 1 of 3 proxies have ACKed a trust bundle with the new root (100% required); 2 missing: 1 connected but not ACKed yet, 1 rejected it (NACK)")
-		wantSays(t, "refused activate", r.stderr,
+		wantLines(t, "refused activate", r.stderr,
 			"phase prepared since",
 			"next step activate: blocked",
 			"missing "+gateHolding.String()+" (node holding): pending",
@@ -399,15 +322,15 @@ func TestActivateWaitsForEveryProxy(t *testing.T) {
 		g.ok("status")
 		r = g.refused("activate")
 		runs = append(runs, r)
-		wantSays(t, "activate after a disconnect", lastLine(r.stderr),
+		wantLines(t, "activate after a disconnect", lastLine(r.stderr),
 			"activate refused: 1 of 3 proxies have ACKed a trust bundle with the new root (100% required); 2 missing: 1 rejected it (NACK), 1 hold a live certificate but have no SDS stream")
-		wantSays(t, "activate after a disconnect", r.stderr, "missing "+gateHolding.String()+": disconnected")
+		wantLines(t, "activate after a disconnect", r.stderr, "missing "+gateHolding.String()+": disconnected")
 
 		forced := g.ok("activate", "--force")
 		runs = append(runs, forced)
-		wantSays(t, "forced activate", forced.stderr,
+		wantLines(t, "forced activate", forced.stderr,
 			"WARNING: activate forced although: 1 of 3 proxies have ACKed a trust bundle with the new root (100% required); 2 missing: 1 rejected it (NACK), 1 hold a live certificate but have no SDS stream")
-		wantSays(t, "forced activate", forced.stdout, "phase activated since", "current "+shortFP(newRoot), "retiring "+shortFP(oldRoot))
+		wantLines(t, "forced activate", forced.stdout, "phase activated since", "current "+shortFP(newRoot), "retiring "+shortFP(oldRoot))
 		st = g.status()
 		if st.Phase != ca.PhaseActivated || rootIn(st, rotation.SlotCurrent).Fingerprint != newRoot || rootIn(st, rotation.SlotRetiring).Fingerprint != oldRoot {
 			t.Fatalf("after the forced activate: %+v", st)
@@ -451,14 +374,14 @@ func TestActivateWaitsForEveryProxy(t *testing.T) {
 		var runs []execResult
 		r := g.refused("activate", "--min-acked", "0.34")
 		runs = append(runs, r)
-		wantSays(t, "activate --min-acked 0.34", lastLine(r.stderr),
+		wantLines(t, "activate --min-acked 0.34", lastLine(r.stderr),
 			"activate refused: 1 of 3 proxies have ACKed a trust bundle with the new root (34% required); 2 missing: 1 connected but not ACKed yet, 1 rejected it (NACK)")
 		r = g.ok("activate", "--min-acked", "0.3")
 		runs = append(runs, r)
 		if r.stderr != "" {
 			t.Errorf("activate within its lowered bar printed on stderr:\n%s", r.stderr)
 		}
-		wantSays(t, "activate --min-acked 0.3", r.stdout, "phase activated since")
+		wantLines(t, "activate --min-acked 0.3", r.stdout, "phase activated since")
 		if st := g.status(); st.Phase != ca.PhaseActivated || slices.ContainsFunc(st.Roots, func(r rotation.Root) bool { return r.Slot == rotation.SlotNext }) {
 			t.Fatalf("after activate --min-acked 0.3: %+v", st)
 		}

@@ -19,15 +19,17 @@ import (
 
 	"github.com/meshca/meshca/internal/caclient"
 	"github.com/meshca/meshca/internal/testenv"
+	"github.com/meshca/meshca/sds"
 	"github.com/meshca/meshca/sds/sdstest"
 )
 
-// centralProxy connects an Envoy-like SDS client to the server's CA port,
-// authenticated with a development token for ns/sa, and waits for both
-// secrets.
-func centralProxy(t *testing.T, d *devServer, ns, sa string, delta bool) *sdstest.Client {
+// centralProxy connects an Envoy-like SDS client, configured as cfg says
+// otherwise, to the server's CA port, authenticated with a development
+// token for ns/sa, and waits until it holds its certificate and the trust
+// bundle. The stream lasts until the test ends or the client disconnects.
+func centralProxy(t *testing.T, d *devServer, ns, sa string, cfg sdstest.Config) *sdstest.Client {
 	t.Helper()
-	roots, err := caclient.LoadBundle(filepath.Join(d.dataDir, "root-cert.pem"))
+	roots, err := caclient.LoadBundle(filepath.Join(d.dataDir, devBundleFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,14 +44,18 @@ func centralProxy(t *testing.T, d *devServer, ns, sa string, delta bool) *sdstes
 	}
 	t.Cleanup(func() { conn.Close() })
 	tok := strings.TrimSpace(meshcaCmd(t, "dev", "token", "--data-dir", d.dataDir, "-n", ns, "-s", sa))
-	c := sdstest.New(sdstest.Config{Conn: conn, Node: sa, Delta: delta, Metadata: metadata.Pairs("authorization", "Bearer "+tok)})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	cfg.Conn, cfg.Node = conn, sa
+	cfg.Metadata = metadata.Pairs("authorization", "Bearer "+tok)
+	c := sdstest.New(cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
 	if err := c.Connect(ctx); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Disconnect)
-	if _, err := c.Wait(ctx, func(s sdstest.State) bool { return s.Has("default", "ROOTCA") }); err != nil {
+	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
+	defer wcancel()
+	if _, err := c.Wait(wctx, func(s sdstest.State) bool { return s.Has("default", sds.RootsName) }); err != nil {
 		t.Fatal(err)
 	}
 	return c
@@ -60,8 +66,8 @@ func centralProxy(t *testing.T, d *devServer, ns, sa string, delta bool) *sdstes
 // their token, and use them for a real mTLS handshake.
 func TestCentralSDS(t *testing.T) {
 	d := startDev(t)
-	web := centralProxy(t, d, "default", "web", false)
-	db := centralProxy(t, d, "shop", "db", true)
+	web := centralProxy(t, d, "default", "web", sdstest.Config{})
+	db := centralProxy(t, d, "shop", "db", sdstest.Config{Delta: true})
 	for c, want := range map[*sdstest.Client]string{web: "spiffe://cluster.local/ns/default/sa/web", db: "spiffe://cluster.local/ns/shop/sa/db"} {
 		svid, err := c.SVID()
 		if err != nil {

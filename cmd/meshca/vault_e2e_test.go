@@ -2,8 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/http"
@@ -25,24 +25,11 @@ import (
 	"github.com/meshca/meshca/keystore/vault"
 )
 
-// vaultKeysPolicy is the policy docs/vault.md gives meshca, with the
-// deletion of retired keys.
-const vaultKeysPolicy = `
-path "transit/keys/meshca-*" { capabilities = ["read", "update", "delete"] }
-path "transit/keys/meshca-*/rotate" { capabilities = ["update"] }
-path "transit/keys/meshca-*/config" { capabilities = ["update"] }
-path "transit/sign/meshca-*" { capabilities = ["update"] }
-path "sys/capabilities-self" { capabilities = ["update"] }
-path "auth/token/lookup-self" { capabilities = ["read"] }
-path "auth/token/renew-self" { capabilities = ["update"] }
-`
-
 // vaultArgs are the flags of a keystore in v, logging in with a token that
 // holds only the documented policy.
 func vaultArgs(t *testing.T, v *vaulttest.Vault) []string {
 	t.Helper()
-	v.WritePolicy(t, "meshca-keys", vaultKeysPolicy)
-	token := v.CreateToken(t, &api.TokenCreateRequest{Policies: []string{"meshca-keys"}, NoDefaultPolicy: true, TTL: "1h"})
+	token := v.KeysToken(t, api.TokenCreateRequest{TTL: "1h"})
 	return []string{"--keystore", "vault", "--vault-addr", v.Addr(), "--vault-ca-file", v.CAFile(),
 		"--vault-auth", "token", "--vault-token-file", writeFile(t, "vault-token", []byte(token))}
 }
@@ -99,21 +86,18 @@ func TestServerWithVaultKeystore(t *testing.T) {
 	if j.Current.IntermediateCertPEM != "" {
 		t.Fatal("the per-replica intermediate was written to the journal")
 	}
-	key := v.Read(t, "transit/keys/meshca-"+j.Current.RootKeyID+".ecdsa-p256")
+	rootKey := "meshca-" + j.Current.RootKeyID + ".ecdsa-p256"
+	key := v.Read(t, "transit/keys/"+rootKey)
 	if key == nil {
 		t.Fatalf("no Transit key for root %s", j.Current.RootKeyID)
 	}
 	if exp, _ := key.Data["exportable"].(bool); exp {
 		t.Fatal("the root's Transit key is exportable")
 	}
-	keys, _ := key.Data["keys"].(map[string]any)
-	latest, _ := keys["1"].(map[string]any)
-	pubPEM, _ := latest["public_key"].(string)
-	root := roots[0]
-	if got := string(mustPublicKeyPEM(t, root)); strings.TrimSpace(got) != strings.TrimSpace(pubPEM) {
-		t.Fatalf("root public key differs from the Transit key's:\n%s\n%s", got, pubPEM)
+	if pub, ok := roots[0].PublicKey.(*ecdsa.PublicKey); !ok || !pub.Equal(v.TransitPublicKey(t, rootKey)) {
+		t.Fatalf("root public key %T differs from the Transit key's", roots[0].PublicKey)
 	}
-	if _, err := v.Client().Logical().Read("transit/export/signing-key/meshca-" + j.Current.RootKeyID + ".ecdsa-p256"); err == nil {
+	if _, err := v.Client().Logical().Read("transit/export/signing-key/" + rootKey); err == nil {
 		t.Fatal("Vault exported the root key")
 	}
 
@@ -188,15 +172,6 @@ func TestServerVaultStartupErrors(t *testing.T) {
 
 func bundleOf(roots []*x509.Certificate) *x509bundle.Bundle {
 	return x509bundle.FromX509Authorities(spiffeid.RequireTrustDomainFromString("cluster.local"), roots)
-}
-
-func mustPublicKeyPEM(t *testing.T, c *x509.Certificate) []byte {
-	t.Helper()
-	der, err := x509.MarshalPKIXPublicKey(c.PublicKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
 }
 
 // TestServerVaultOutage: with Vault stopped, leaves keep coming from the

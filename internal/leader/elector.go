@@ -104,6 +104,17 @@ func (s *state) setLeading(leading bool) {
 	s.update(func(_ bool, holder string) (bool, string) { return leading, holder })
 }
 
+// stepDown stops leading; this replica is no longer known to hold the
+// lock, as another may have it now.
+func (s *state) stepDown() {
+	s.update(func(_ bool, holder string) (bool, string) {
+		if holder == s.identity {
+			holder = ""
+		}
+		return false, holder
+	})
+}
+
 // observe records the holder seen in the lock.
 func (s *state) observe(holder string) {
 	s.update(func(leading bool, _ string) (bool, string) { return leading, holder })

@@ -14,13 +14,16 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// errLocked is tryLock's error when another holds the lock.
+var errLocked = errors.New("leader: locked by another holder")
+
 // FileLockConfig configures a FileLock elector.
 type FileLockConfig struct {
 	// Path of the lock file, created if missing. It holds the leader's
 	// identity; do not delete it while replicas run (see FileLock).
 	Path string
-	// Identity names this candidate in the file (default: host name and
-	// process ID).
+	// Identity names this candidate in the file (default: as LeaseConfig's,
+	// with the process ID appended for whoever reads the file).
 	Identity string
 	// RetryPeriod is how often a follower tries the lock and a leader
 	// checks that its file is still in place (default DefaultRetryPeriod).
@@ -55,8 +58,7 @@ func NewFileLock(cfg FileLockConfig) (*FileLock, error) {
 		return nil, fmt.Errorf("leader: the file lock needs a path")
 	}
 	if cfg.Identity == "" {
-		host, _ := os.Hostname()
-		cfg.Identity = host + "/" + strconv.Itoa(os.Getpid())
+		cfg.Identity = defaultIdentity() + "/" + strconv.Itoa(os.Getpid())
 	}
 	if cfg.RetryPeriod <= 0 {
 		cfg.RetryPeriod = DefaultRetryPeriod
@@ -136,12 +138,7 @@ func (f *FileLock) acquire() (*os.File, error) {
 // release steps down, then gives the lock up: in that order, so nothing
 // acts as leader here once another may.
 func (f *FileLock) release(file *os.File) {
-	f.update(func(_ bool, holder string) (bool, string) {
-		if holder == f.identity {
-			holder = ""
-		}
-		return false, holder
-	})
+	f.stepDown()
 	if file == nil {
 		return
 	}

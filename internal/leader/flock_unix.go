@@ -3,13 +3,10 @@
 package leader
 
 import (
-	"errors"
 	"os"
 
 	"golang.org/x/sys/unix"
 )
-
-var errLocked = errors.New("leader: locked by another holder")
 
 // tryLock takes an exclusive flock on file without waiting.
 func tryLock(file *os.File) error {

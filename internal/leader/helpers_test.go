@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshca/meshca/internal/leader"
+	"github.com/meshca/meshca/internal/testenv"
 )
 
 // run runs e until the returned stop is called or the test ends; stop
@@ -30,34 +31,15 @@ func run(t *testing.T, e leader.Elector) (stop func()) {
 	return stop
 }
 
-// metric returns the value of the counter or gauge name in reg.
-func metric(t *testing.T, reg *prometheus.Registry, name string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		m := mf.GetMetric()[0]
-		if c := m.GetCounter(); c != nil {
-			return c.GetValue()
-		}
-		return m.GetGauge().GetValue()
-	}
-	t.Fatalf("no metric %s", name)
-	return 0
-}
-
-// assertMetrics checks the leader gauge and the transition count.
+// assertMetrics checks the leader gauge and the transition count. Every
+// caller wants at least one transition, so an unregistered metric (which
+// GatheredValue reads as 0) fails too.
 func assertMetrics(t *testing.T, who string, reg *prometheus.Registry, gauge, transitions float64) {
 	t.Helper()
-	if got := metric(t, reg, "meshca_leader"); got != gauge {
+	if got := testenv.GatheredValue(t, reg, "meshca_leader", nil); got != gauge {
 		t.Errorf("%s: meshca_leader = %v, want %v", who, got, gauge)
 	}
-	if got := metric(t, reg, "meshca_leader_transitions_total"); got != transitions {
+	if got := testenv.GatheredValue(t, reg, "meshca_leader_transitions_total", nil); got != transitions {
 		t.Errorf("%s: meshca_leader_transitions_total = %v, want %v", who, got, transitions)
 	}
 }

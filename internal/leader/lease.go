@@ -54,7 +54,6 @@ type Lease struct {
 	*state
 	election leaderelection.LeaderElectionConfig
 	lock     *observedLock
-	log      *slog.Logger
 	klog     logr.Logger
 }
 
@@ -86,7 +85,6 @@ func NewLease(cfg LeaseConfig) (*Lease, error) {
 	cfg.Logger = cfg.Logger.With("lease", cfg.Namespace+"/"+cfg.Name)
 	l := &Lease{
 		state: newState(cfg.Identity, cfg.Logger, cfg.Metrics),
-		log:   cfg.Logger,
 		// client-go logs through klog; send it to the same place.
 		klog: logr.FromSlogHandler(cfg.Logger.Handler()),
 	}
@@ -115,7 +113,7 @@ func NewLease(cfg LeaseConfig) (*Lease, error) {
 		Name: cfg.Namespace + "/" + cfg.Name,
 		Callbacks: leaderelection.LeaderCallbacks{
 			OnStartedLeading: l.started,
-			OnStoppedLeading: l.stopped,
+			OnStoppedLeading: l.stepDown,
 		},
 	}
 	// Checks the durations against each other; starts nothing.
@@ -176,8 +174,9 @@ func (l *Lease) release() {
 
 // started runs on a goroutine of its own, which may be scheduled after the
 // term it announces has ended: it takes leadership only if the term's
-// context is still live, checked under the state's lock. stopped runs
-// after that context is cancelled, so it cannot be overtaken.
+// context is still live, checked under the state's lock. stepDown, the
+// OnStoppedLeading callback, runs after that context is cancelled, so it
+// cannot be overtaken.
 func (l *Lease) started(ctx context.Context) {
 	l.update(func(leading bool, holder string) (bool, string) {
 		if ctx.Err() != nil {
@@ -187,16 +186,12 @@ func (l *Lease) started(ctx context.Context) {
 	})
 }
 
-func (l *Lease) stopped() {
-	l.update(func(_ bool, holder string) (bool, string) {
-		if holder == l.identity {
-			holder = "" // not known any more: another may have it now
-		}
-		return false, holder
-	})
-}
-
 // observedLock reports what the election reads and writes to the state.
+// client-go writes only this replica's identity (it would clear it only
+// with ReleaseOnCancel, which Lease does not set); the one write naming
+// no holder is Lease.release's, after client-go's Run has returned and so
+// after stepDown. No write therefore needs to stop this replica leading
+// first.
 type observedLock struct {
 	resourcelock.Interface
 	state *state
@@ -219,10 +214,6 @@ func (o *observedLock) Create(ctx context.Context, rec resourcelock.LeaderElecti
 }
 
 func (o *observedLock) Update(ctx context.Context, rec resourcelock.LeaderElectionRecord) error {
-	if rec.HolderIdentity != o.state.identity {
-		// Releasing: stop leading before another replica can start.
-		o.state.setLeading(false)
-	}
 	err := o.Interface.Update(ctx, rec)
 	if err == nil {
 		o.state.observe(rec.HolderIdentity)

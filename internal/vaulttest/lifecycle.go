@@ -5,14 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
-	"regexp"
 	"syscall"
 	"testing"
 	"time"
 )
 
-// Seal seals Vault; Unseal opens it again with its data.
+// Seal seals Vault. A persistent Vault opens again with Unseal; a
+// development one stays sealed.
 func (v *Vault) Seal(t testing.TB) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
@@ -22,9 +21,13 @@ func (v *Vault) Seal(t testing.TB) {
 	}
 }
 
-// Unseal unseals Vault with its key and waits until it is active again.
+// Unseal unseals a persistent Vault with its key and waits until it is
+// active again.
 func (v *Vault) Unseal(t testing.TB) {
 	t.Helper()
+	if !v.persistent {
+		t.Fatalf("vaulttest: Unseal: a development Vault's unseal key is not kept; start it with Options{Persistent: true}")
+	}
 	if err := v.unseal(); err != nil {
 		t.Fatalf("vaulttest: %v", err)
 	}
@@ -40,7 +43,7 @@ func (v *Vault) Stop(t testing.TB) {
 		t.Fatalf("vaulttest: Stop: vault is not running")
 	}
 	v.proc.Stop(stopGrace)
-	if err := waitRefused(v.hostport, readyTimeout); err != nil {
+	if err := waitRefused(v.hostport(), readyTimeout); err != nil {
 		t.Fatalf("vaulttest: Stop: %v", err)
 	}
 }
@@ -60,21 +63,13 @@ func (v *Vault) Restart(t testing.TB) {
 	if err := v.restart(); err != nil {
 		t.Fatalf("vaulttest: restarting: %v", err) // the cleanup prints the log
 	}
-	t.Logf("vaulttest: vault restarted at %s in %v", v.addr, time.Since(begin).Round(time.Millisecond))
+	t.Logf("vaulttest: vault restarted at %s in %v", v.Addr(), time.Since(begin).Round(time.Millisecond))
 }
 
 func (v *Vault) unseal() error {
-	if v.unsealKey == "" {
-		key, err := devUnsealKey(v.logPath, readyTimeout)
-		if err != nil {
-			return err
-		}
-		v.unsealKey = key
-	}
-	key := v.unsealKey
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
-	st, err := v.client.Sys().UnsealWithContext(ctx, key)
+	st, err := v.client.Sys().UnsealWithContext(ctx, v.unsealKey)
 	if err != nil {
 		return fmt.Errorf("unsealing: %w", err)
 	}
@@ -83,33 +78,10 @@ func (v *Vault) unseal() error {
 	}
 	// Unsealed is not yet active: requests may still be refused until
 	// sys/health says so.
-	if err := v.proc.WaitReady(readyTimeout, getCheck(v.caFile, v.addr+"/v1/sys/health")); err != nil {
+	if err := v.proc.WaitReady(readyTimeout, getCheck(v.caFile, v.Addr()+"/v1/sys/health")); err != nil {
 		return fmt.Errorf("unsealing: %w", err)
 	}
 	return nil
-}
-
-// devUnsealKeyLine is how a development Vault prints its generated unseal
-// key; there is no other way to learn it.
-var devUnsealKeyLine = regexp.MustCompile(`(?m)^Unseal Key: (\S+)$`)
-
-// devUnsealKey polls the log for the unseal key: Vault may print it after
-// it has begun to answer requests.
-func devUnsealKey(logPath string, timeout time.Duration) (string, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		data, err := os.ReadFile(logPath)
-		if err != nil {
-			return "", fmt.Errorf("unseal key: %w", err)
-		}
-		if m := devUnsealKeyLine.FindSubmatch(data); m != nil {
-			return string(m[1]), nil
-		}
-		if time.Now().After(deadline) {
-			return "", fmt.Errorf("unseal key: no %q line in %s after %v", "Unseal Key:", logPath, timeout)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // waitRefused polls until connecting to hostport is refused: the process is

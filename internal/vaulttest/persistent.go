@@ -15,7 +15,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/hashicorp/vault/api"
@@ -34,7 +33,7 @@ func (v *Vault) startPersistent() error {
 		return fmt.Errorf("TLS certificates: %w", err)
 	}
 	// sys/seal-status answers before initialisation; sys/health does not.
-	if err := v.launch(v.persistentProcess, "/v1/sys/seal-status"); err != nil {
+	if err := v.launch(fixture.FreePort, v.persistentProcess, "/v1/sys/seal-status"); err != nil {
 		return err
 	}
 	if err := v.makeClient(); err != nil {
@@ -55,10 +54,10 @@ func (v *Vault) startPersistent() error {
 	return v.unseal()
 }
 
-// persistentProcess writes the configuration for port, which only the
-// first start chooses, and runs Vault with it.
-func (v *Vault) persistentProcess(port int) (*fixture.Process, error) {
-	addr := "127.0.0.1:" + strconv.Itoa(port)
+// persistentProcess writes the configuration for Vault's port, which only
+// the first start chooses, and runs Vault with it.
+func (v *Vault) persistentProcess() (*fixture.Process, error) {
+	addr := v.hostport()
 	// JSON, which Vault's configuration parser accepts, spares quoting the
 	// paths by hand.
 	cfg := map[string]any{
@@ -90,24 +89,13 @@ func (v *Vault) persistentProcess(port int) (*fixture.Process, error) {
 
 // restart runs Vault again on its port after Stop and unseals it.
 func (v *Vault) restart() error {
-	var err error
-	for attempt := 0; ; attempt++ {
-		// The port is free when nothing took it while Vault was down, as an
-		// outgoing connection may for its local port; wait for that to end.
-		if err := waitBindable(v.hostport, readyTimeout); err != nil {
-			return err
-		}
-		if v.proc, err = v.persistentProcess(v.port); err != nil {
-			return err
-		}
-		err = v.proc.WaitReady(readyTimeout, getCheck(v.caFile, v.addr+"/v1/sys/seal-status"))
-		if err == nil {
-			return v.unseal()
-		}
-		if attempt == 2 || !v.proc.Exited() || !v.proc.PortInUse() {
-			return err
-		}
+	// The port is free when nothing took it while Vault was down, as an
+	// outgoing connection may for its local port; wait for that to end.
+	samePort := func() (int, error) { return v.port, waitBindable(v.hostport(), readyTimeout) }
+	if err := v.launch(samePort, v.persistentProcess, "/v1/sys/seal-status"); err != nil {
+		return err
 	}
+	return v.unseal()
 }
 
 // waitBindable polls until hostport can be bound, which is when Vault can

@@ -2,6 +2,10 @@ package vaulttest
 
 import (
 	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -67,6 +71,68 @@ func (v *Vault) CreateToken(t testing.TB, req *api.TokenCreateRequest) string {
 		t.Fatalf("vaulttest: creating a token: %v", err)
 	}
 	return s.Auth.ClientToken
+}
+
+// KeysPolicy is the policy docs/vault.md gives meshca, for the default
+// mount "transit" and the key prefix "meshca-", with what it adds for
+// deleting keys: delete on the keys and update on their config.
+const KeysPolicy = `
+path "transit/keys/meshca-*" {
+  capabilities = ["read", "update", "delete"]
+}
+path "transit/keys/meshca-*/rotate" {
+  capabilities = ["update"]
+}
+path "transit/keys/meshca-*/config" {
+  capabilities = ["update"]
+}
+path "transit/sign/meshca-*" {
+  capabilities = ["update"]
+}
+path "sys/capabilities-self" {
+  capabilities = ["update"]
+}
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+`
+
+// KeysToken writes KeysPolicy as the policy meshca-keys and creates a token
+// as req says that holds that policy and no other, not even Vault's
+// default policy: what it can do, the documented policy allows.
+func (v *Vault) KeysToken(t testing.TB, req api.TokenCreateRequest) string {
+	t.Helper()
+	v.WritePolicy(t, "meshca-keys", KeysPolicy)
+	req.Policies = []string{"meshca-keys"}
+	req.NoDefaultPolicy = true
+	return v.CreateToken(t, &req)
+}
+
+// TransitPublicKey returns the public key of the latest version of the
+// Transit key name, in the mount Start enabled. Transit gives it in PEM
+// for ECDSA and RSA keys.
+func (v *Vault) TransitPublicKey(t testing.TB, name string) crypto.PublicKey {
+	t.Helper()
+	path := v.transitMount + "/keys/" + name
+	s := v.Read(t, path)
+	if s == nil {
+		t.Fatalf("vaulttest: no Transit key at %s", path)
+	}
+	keys, _ := s.Data["keys"].(map[string]any)
+	latest, _ := keys[fmt.Sprint(s.Data["latest_version"])].(map[string]any)
+	pemData, _ := latest["public_key"].(string)
+	block, _ := pem.Decode([]byte(pemData))
+	if block == nil {
+		t.Fatalf("vaulttest: Transit key %s: no PEM public key in %v", path, s.Data)
+	}
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		t.Fatalf("vaulttest: Transit key %s: %v", path, err)
+	}
+	return pub
 }
 
 // AppRole creates role at the AppRole auth method mounted at mount, with

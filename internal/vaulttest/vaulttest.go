@@ -78,18 +78,17 @@ type Options struct {
 
 // Vault is a running Vault owned by one test.
 type Vault struct {
-	addr       string // https://127.0.0.1:<port>, the same across restarts
-	hostport   string
-	port       int
-	token      string
-	unsealKey  string // from sys/init, or from a development Vault's log on first Unseal
-	persistent bool
-	bin        string
-	dir        string
-	caFile     string
-	logPath    string
-	proc       *fixture.Process // the current run
-	client     *api.Client
+	port         int // on 127.0.0.1, the same across restarts
+	token        string
+	unsealKey    string // from sys/init; a development Vault has none
+	persistent   bool
+	transitMount string
+	bin          string
+	dir          string
+	caFile       string
+	logPath      string
+	proc         *fixture.Process // the current run
+	client       *api.Client
 }
 
 // Start starts a Vault as Options{} would.
@@ -109,7 +108,8 @@ func StartWith(t testing.TB, opts Options) *Vault {
 	if err != nil {
 		t.Fatalf("vaulttest: no vault binary: %v\nbuild it with: bash hack/vault.sh (or make testenv), about 15 minutes cold, then export %s=$(bash hack/vault.sh -q)", err, binDirEnv)
 	}
-	v := &Vault{persistent: opts.Persistent, bin: filepath.Join(dir, "vault"), dir: t.TempDir()}
+	v := &Vault{persistent: opts.Persistent, transitMount: cmp.Or(opts.TransitMount, "transit"),
+		bin: filepath.Join(dir, "vault"), dir: t.TempDir()}
 	v.caFile = filepath.Join(v.dir, "vault-ca.pem")
 	v.logPath = filepath.Join(v.dir, "vault.log")
 	t.Cleanup(func() {
@@ -132,8 +132,8 @@ func StartWith(t testing.TB, opts Options) *Vault {
 	if err != nil {
 		t.Fatalf("vaulttest: %v", err)
 	}
-	t.Logf("vaulttest: %s vault ready at %s in %v", mode, v.addr, time.Since(begin).Round(time.Millisecond))
-	v.EnableSecretsEngine(t, cmp.Or(opts.TransitMount, "transit"), "transit")
+	t.Logf("vaulttest: %s vault ready at %s in %v", mode, v.Addr(), time.Since(begin).Round(time.Millisecond))
+	v.EnableSecretsEngine(t, v.transitMount, "transit")
 	return v
 }
 
@@ -151,29 +151,25 @@ func (v *Vault) startDev() error {
 	}
 	// The CA file appears only once Vault has generated it, and each run
 	// generates a new one: the client is made after Vault is ready.
-	if err := v.launch(v.devProcess, "/v1/sys/health"); err != nil {
+	if err := v.launch(fixture.FreePort, v.devProcess, "/v1/sys/health"); err != nil {
 		return err
 	}
 	return v.makeClient()
 }
 
-// launch runs Vault on a free loopback port and waits until GET readyPath
-// answers 200 OK. Another process may bind the port between FreePort and
-// Vault's own bind; then it tries another port.
-func (v *Vault) launch(run func(port int) (*fixture.Process, error), readyPath string) error {
+// launch runs Vault on the loopback port that pick returns and waits until
+// GET readyPath answers 200 OK. Another process may bind the port between
+// pick and Vault's own bind; then it picks again, up to three times.
+func (v *Vault) launch(pick func() (int, error), run func() (*fixture.Process, error), readyPath string) error {
 	var err error
-	for attempt := 0; attempt < 3; attempt++ {
-		var port int
-		if port, err = fixture.FreePort(); err != nil {
+	for range 3 {
+		if v.port, err = pick(); err != nil {
 			return err
 		}
-		v.port = port
-		v.hostport = "127.0.0.1:" + strconv.Itoa(port)
-		v.addr = "https://" + v.hostport
-		if v.proc, err = run(port); err != nil {
+		if v.proc, err = run(); err != nil {
 			return err
 		}
-		if err = v.proc.WaitReady(readyTimeout, getCheck(v.caFile, v.addr+readyPath)); err == nil {
+		if err = v.proc.WaitReady(readyTimeout, getCheck(v.caFile, v.Addr()+readyPath)); err == nil {
 			return nil
 		}
 		if !v.proc.Exited() || !v.proc.PortInUse() {
@@ -183,10 +179,10 @@ func (v *Vault) launch(run func(port int) (*fixture.Process, error), readyPath s
 	return err
 }
 
-func (v *Vault) devProcess(port int) (*fixture.Process, error) {
+func (v *Vault) devProcess() (*fixture.Process, error) {
 	return fixture.Start("vault", v.logPath, serverEnv(), v.bin, "server", "-dev",
 		"-config="+filepath.Join(v.dir, "vault-dev.json"),
-		"-dev-listen-address=127.0.0.1:"+strconv.Itoa(port),
+		"-dev-listen-address="+v.hostport(),
 		"-dev-root-token-id="+v.token,
 		// The token file would land in the user's home directory.
 		"-dev-no-store-token",
@@ -232,7 +228,7 @@ func (v *Vault) makeClient() error {
 	}
 	// MaxRetries 0: a helper's failure should show at once, not after the
 	// api's backoff.
-	c, err := api.NewClient(&api.Config{Address: v.addr, HttpClient: hc, MaxRetries: 0, Timeout: requestTimeout})
+	c, err := api.NewClient(&api.Config{Address: v.Addr(), HttpClient: hc, MaxRetries: 0, Timeout: requestTimeout})
 	if err != nil {
 		return fmt.Errorf("vault client: %w", err)
 	}
@@ -245,7 +241,10 @@ func (v *Vault) makeClient() error {
 }
 
 // Addr returns Vault's URL, https://127.0.0.1:<port>. Restart keeps it.
-func (v *Vault) Addr() string { return v.addr }
+func (v *Vault) Addr() string { return "https://" + v.hostport() }
+
+// hostport is the address Vault listens on.
+func (v *Vault) hostport() string { return "127.0.0.1:" + strconv.Itoa(v.port) }
 
 // CAFile returns the PEM file of the CA that signed Vault's certificate,
 // which names localhost, 127.0.0.1 and ServerName. Restart keeps both.

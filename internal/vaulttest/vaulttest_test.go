@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -24,34 +23,15 @@ import (
 )
 
 // TestStart proves the fixture is a real, healthy Vault in both modes:
-// Transit is mounted where asked, the root token works, Seal seals it and
-// Unseal opens it again with its data, and the TLS certificate verifies
-// under the CA file for ServerName.
+// Transit is mounted where asked, the root token works, the TLS certificate
+// verifies under the CA file for ServerName, and Seal seals it; a
+// persistent Vault opens again with Unseal, with its data.
 func TestStart(t *testing.T) {
 	for _, persistent := range []bool{false, true} {
 		t.Run(fmt.Sprintf("persistent=%t", persistent), func(t *testing.T) {
 			v := vaulttest.StartWith(t, vaulttest.Options{TransitMount: "pki-keys", Persistent: persistent})
 
 			checkTransitMount(t, v.Client(), "pki-keys/")
-
-			// At once after Start: a development Vault may not have
-			// printed its unseal key yet.
-			v.Write(t, "pki-keys/keys/before-seal", map[string]any{"type": "ecdsa-p256"})
-			v.Seal(t)
-			if !sealed(t, v.Client()) {
-				t.Fatal("Vault is not sealed after Seal")
-			}
-			if _, err := v.Client().Logical().ReadWithContext(t.Context(), "pki-keys/keys/before-seal"); err == nil {
-				t.Fatal("reading a Transit key from a sealed Vault succeeded")
-			}
-
-			v.Unseal(t)
-			if sealed(t, v.Client()) {
-				t.Fatal("Vault is sealed after Unseal")
-			}
-			if k := v.Read(t, "pki-keys/keys/before-seal"); k == nil {
-				t.Fatal("the Transit key made before Seal is gone after Unseal")
-			}
 
 			pemData, err := os.ReadFile(v.CAFile())
 			if err != nil {
@@ -76,6 +56,30 @@ func TestStart(t *testing.T) {
 			if resp.StatusCode != http.StatusOK {
 				t.Fatalf("health: %s, want 200 OK", resp.Status)
 			}
+
+			v.Write(t, "pki-keys/keys/before-seal", map[string]any{"type": "ecdsa-p256"})
+			v.Seal(t)
+			if !sealed(t, v.Client()) {
+				t.Fatal("Vault is not sealed after Seal")
+			}
+			if _, err := v.Client().Logical().ReadWithContext(t.Context(), "pki-keys/keys/before-seal"); err == nil {
+				t.Fatal("reading a Transit key from a sealed Vault succeeded")
+			}
+			if !persistent {
+				return // a development Vault's unseal key is not kept
+			}
+
+			v.Unseal(t)
+			if sealed(t, v.Client()) {
+				t.Fatal("Vault is sealed after Unseal")
+			}
+			if k := v.Read(t, "pki-keys/keys/before-seal"); k == nil {
+				t.Fatal("the Transit key made before Seal is gone after Unseal")
+			}
+			// TransitPublicKey reads the mount Start enabled.
+			if _, ok := v.TransitPublicKey(t, "before-seal").(*ecdsa.PublicKey); !ok {
+				t.Fatal("the ecdsa-p256 Transit key's public key is not ECDSA")
+			}
 		})
 	}
 }
@@ -92,7 +96,10 @@ func TestRestartKeepsTransitKey(t *testing.T) {
 	if _, err := c.Logical().WriteWithContext(t.Context(), "transit/keys/ca", map[string]any{"type": "ecdsa-p256"}); err != nil {
 		t.Fatalf("creating the Transit key: %v", err)
 	}
-	pub := transitPublicKey(t, c, "ca")
+	pub, ok := v.TransitPublicKey(t, "ca").(*ecdsa.PublicKey)
+	if !ok {
+		t.Fatal("the ecdsa-p256 Transit key's public key is not ECDSA")
+	}
 	digest := sha256.Sum256([]byte("before the outage"))
 	if err := signVerify(t, c, pub, "ca", digest[:]); err != nil {
 		t.Fatalf("before Stop: %v", err)
@@ -121,7 +128,7 @@ func TestRestartKeepsTransitKey(t *testing.T) {
 	if sealed(t, c) {
 		t.Fatal("Vault is sealed after Restart")
 	}
-	if got := transitPublicKey(t, c, "ca"); !got.Equal(pub) {
+	if got := v.TransitPublicKey(t, "ca"); !pub.Equal(got) {
 		t.Fatal("the Transit key's public key changed across Restart")
 	}
 	digest = sha256.Sum256([]byte("after the outage"))
@@ -184,32 +191,6 @@ func sealed(t *testing.T, c *api.Client) bool {
 		t.Fatalf("health: %v", err)
 	}
 	return h.Sealed
-}
-
-// transitPublicKey returns the public key of version 1 of the ECDSA
-// Transit key name.
-func transitPublicKey(t *testing.T, c *api.Client, name string) *ecdsa.PublicKey {
-	t.Helper()
-	s, err := c.Logical().ReadWithContext(t.Context(), "transit/keys/"+name)
-	if err != nil || s == nil {
-		t.Fatalf("reading Transit key %s: %v (secret %v)", name, err, s)
-	}
-	keys, _ := s.Data["keys"].(map[string]any)
-	v1, _ := keys["1"].(map[string]any)
-	pemData, _ := v1["public_key"].(string)
-	block, _ := pem.Decode([]byte(pemData))
-	if block == nil {
-		t.Fatalf("Transit key %s: no PEM public key in %v", name, s.Data)
-	}
-	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ec, ok := pub.(*ecdsa.PublicKey)
-	if !ok {
-		t.Fatalf("Transit key %s is %T, want ECDSA", name, pub)
-	}
-	return ec
 }
 
 // signVerify has Transit sign digest with key name and checks the

@@ -31,7 +31,7 @@ const (
 func TestTokenRenewal(t *testing.T) {
 	t.Parallel()
 	v := vaulttest.Start(t)
-	token := keysToken(t, v, api.TokenCreateRequest{Period: shortTTL})
+	token := v.KeysToken(t, api.TokenCreateRequest{Period: shortTTL})
 	reg := prometheus.NewRegistry()
 	cfg := config(v, vault.TokenAuth{Token: token})
 	cfg.Metrics = vault.NewMetrics(reg)
@@ -57,7 +57,7 @@ func TestTokenRenewal(t *testing.T) {
 func TestTokenMaxTTL(t *testing.T) {
 	t.Parallel()
 	v := vaulttest.Start(t)
-	token := keysToken(t, v, api.TokenCreateRequest{TTL: shortTTL, ExplicitMaxTTL: shortTTL})
+	token := v.KeysToken(t, api.TokenCreateRequest{TTL: shortTTL, ExplicitMaxTTL: shortTTL})
 	s := newStore(t, config(v, vault.TokenAuth{Token: token}))
 	done := make(chan error, 1)
 	go func() { done <- s.Run(t.Context()) }()
@@ -118,7 +118,7 @@ func TestKubernetes(t *testing.T) {
 	t.Parallel()
 	k := testenv.StartKube(t)
 	v := vaulttest.Start(t)
-	v.WritePolicy(t, "meshca-keys", keysPolicy)
+	v.WritePolicy(t, "meshca-keys", vaulttest.KeysPolicy)
 	v.EnableKubernetesAuth(t, k, "kubernetes")
 	const ns = "meshca-system"
 	k.CreateServiceAccount(t, ns, "meshca")
@@ -191,12 +191,12 @@ func TestKubernetes(t *testing.T) {
 }
 
 // shortAppRoleStore starts a Vault and returns a store that logs in to it
-// with AppRole, as a role whose tokens hold keysPolicy and expire after
+// with AppRole, as a role whose tokens hold vaulttest.KeysPolicy and expire after
 // shortTTL, unrenewable, and the registry of the store's metrics.
 func shortAppRoleStore(t *testing.T) (*vaulttest.Vault, *vault.Store, *prometheus.Registry) {
 	t.Helper()
 	v := vaulttest.Start(t)
-	v.WritePolicy(t, "meshca-keys", keysPolicy)
+	v.WritePolicy(t, "meshca-keys", vaulttest.KeysPolicy)
 	v.EnableAuth(t, "approle", "approle")
 	roleID, secretID := v.AppRole(t, "approle", "meshca", map[string]any{
 		"token_policies":          []string{"meshca-keys"},

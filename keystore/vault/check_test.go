@@ -16,7 +16,7 @@ import (
 func TestCheck(t *testing.T) {
 	v := vaulttest.Start(t)
 	dir := t.TempDir()
-	keys := keysToken(t, v, api.TokenCreateRequest{})
+	keys := v.KeysToken(t, api.TokenCreateRequest{})
 	v.WritePolicy(t, "sign-only", signOnlyPolicy)
 	signOnly := v.CreateToken(t, &api.TokenCreateRequest{Policies: []string{"sign-only"}, NoDefaultPolicy: true})
 	v.WritePolicy(t, "keys-only", `path "transit/*" { capabilities = ["create", "read", "update"] }`)

@@ -12,39 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/vault/api"
-
 	"github.com/meshca/meshca/internal/vaulttest"
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/keystore/vault"
 )
-
-// keysPolicy is the policy documented in doc.go, DeleteKey's paths
-// included; tokens made with it have no default policy, so the tests prove
-// the documented policy is enough.
-const keysPolicy = `
-path "transit/keys/meshca-*" {
-  capabilities = ["read", "update", "delete"]
-}
-path "transit/keys/meshca-*/rotate" {
-  capabilities = ["update"]
-}
-path "transit/keys/meshca-*/config" {
-  capabilities = ["update"]
-}
-path "transit/sign/meshca-*" {
-  capabilities = ["update"]
-}
-path "sys/capabilities-self" {
-  capabilities = ["update"]
-}
-path "auth/token/lookup-self" {
-  capabilities = ["read"]
-}
-path "auth/token/renew-self" {
-  capabilities = ["update"]
-}
-`
 
 // signOnlyPolicy lacks everything but signing and reading.
 const signOnlyPolicy = `
@@ -61,15 +32,6 @@ path "auth/token/lookup-self" {
   capabilities = ["read"]
 }
 `
-
-// keysToken returns a token that holds only keysPolicy.
-func keysToken(t *testing.T, v *vaulttest.Vault, req api.TokenCreateRequest) string {
-	t.Helper()
-	v.WritePolicy(t, "meshca-keys", keysPolicy)
-	req.Policies = []string{"meshca-keys"}
-	req.NoDefaultPolicy = true
-	return v.CreateToken(t, &req)
-}
 
 // config is a store configuration for v with the given auth and a key
 // prefix under the policies' meshca-*.

@@ -62,8 +62,7 @@ func BenchmarkLeafIssuance(b *testing.B) {
 	})
 	b.Run("vault", func(b *testing.B) {
 		v := vaulttest.Start(b)
-		store, err := vault.New(vault.Config{Address: v.Addr(), TLS: vault.TLSConfig{CAFile: v.CAFile()},
-			KeyPrefix: "meshca-", Auth: vault.TokenAuth{Token: v.RootToken()}})
+		store, err := vault.New(config(v, vault.TokenAuth{Token: v.RootToken()}))
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -38,7 +38,7 @@ import (
 // so each starts empty.
 func TestConformance(t *testing.T) {
 	v := vaulttest.Start(t)
-	token := keysToken(t, v, api.TokenCreateRequest{})
+	token := v.KeysToken(t, api.TokenCreateRequest{})
 	var n atomic.Int64
 	keystoretest.Run(t, func(t *testing.T) keystore.Store {
 		cfg := config(v, vault.TokenAuth{Token: token})
@@ -52,7 +52,7 @@ func TestConformance(t *testing.T) {
 // root.
 func TestKeysNeverLeaveVault(t *testing.T) {
 	v := vaulttest.Start(t)
-	s := newStore(t, config(v, vault.TokenAuth{Token: keysToken(t, v, api.TokenCreateRequest{})}))
+	s := newStore(t, config(v, vault.TokenAuth{Token: v.KeysToken(t, api.TokenCreateRequest{})}))
 	for _, kt := range []keystore.KeyType{keystore.ECDSAP256, keystore.RSA2048} {
 		t.Run(string(kt), func(t *testing.T) {
 			if _, err := s.GenerateKey(t.Context(), "root", kt); err != nil {
@@ -331,7 +331,7 @@ func TestServerName(t *testing.T) {
 // under test would refuse.
 func TestNamespace(t *testing.T) {
 	v := vaulttest.Start(t)
-	v.WritePolicy(t, "meshca-keys", keysPolicy)
+	v.WritePolicy(t, "meshca-keys", vaulttest.KeysPolicy)
 	v.EnableAuth(t, "approle", "approle")
 	roleID, secretID := v.AppRole(t, "approle", "meshca", map[string]any{"token_policies": []string{"meshca-keys"}})
 
