@@ -42,7 +42,7 @@ off: those with endpoints that have no proxy to terminate mTLS.`,
 func newMTLSStatusCommand(o *adminClientOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "status",
-		Short: "The policy in force, where it is stored, and whether the stored version is",
+		Short: "The policy in force, where it is stored, and whether the stored version was read",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return callAdmin(cmd, o, http.MethodGet, "/v1/mtls", nil, printMTLSStatus)
