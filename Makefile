@@ -13,7 +13,7 @@ TESTENV       := bash hack/testenv.sh
 # Likewise the pinned Vault server that internal/vaulttest runs.
 VAULT         := bash hack/vault.sh
 
-.PHONY: all build run test test-fast testenv lint bench fuzz clean
+.PHONY: all build run test test-fast testenv lint bench fuzz image clean
 
 all: build
 
@@ -60,6 +60,12 @@ bench:
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseCSR$$' -fuzztime $(FUZZTIME) ./ca/
 	$(GO) test -run '^$$' -fuzz '^FuzzCreateCertificate$$' -fuzztime $(FUZZTIME) ./internal/certservice/
+
+# The container image deploy/ runs (deploy/Dockerfile); push it where your
+# cluster pulls from and point the kustomization's images: at it.
+IMAGE ?= ghcr.io/meshca/meshca:$(VERSION)
+image:
+	docker build -f deploy/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
 clean:
 	rm -rf bin .meshca-dev

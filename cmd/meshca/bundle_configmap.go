@@ -1,0 +1,58 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/kubestate"
+	"github.com/meshca/meshca/internal/leader"
+)
+
+// bundlePublisher is where publishBundle writes the trust bundle:
+// *kubestate.BundleConfigMap.
+type bundlePublisher interface {
+	Publish(ctx context.Context, pem []byte) (bool, error)
+}
+
+var _ bundlePublisher = (*kubestate.BundleConfigMap)(nil)
+
+// Retry bounds of publishBundle after a failed write.
+const (
+	publishRetryMin = time.Second
+	publishRetryMax = 30 * time.Second
+)
+
+// publishBundle keeps the trust bundle ConfigMap equal to the CA's bundle
+// while this replica leads. One writer: a follower that has not yet read
+// the leader's latest rotation step would write an older bundle back.
+func publishBundle(ctx context.Context, a *ca.Authority, el leader.Elector, pub bundlePublisher, log *slog.Logger) error {
+	retry := publishRetryMin
+	for {
+		caChanged, leadChanged := a.Changed(), el.Changed()
+		var again <-chan time.Time
+		if el.IsLeader() {
+			roots := a.Issuer().Roots
+			wrote, err := pub.Publish(ctx, ca.EncodeCerts(roots...))
+			switch {
+			case err != nil:
+				log.Warn("Publishing the trust bundle failed; retrying", "retry_in", retry, "err", err)
+				again = time.After(retry)
+				retry = min(2*retry, publishRetryMax)
+			case wrote:
+				retry = publishRetryMin
+				log.Info("Published the trust bundle", "roots", len(roots))
+			default:
+				retry = publishRetryMin
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-caChanged:
+		case <-leadChanged:
+		case <-again:
+		}
+	}
+}
