@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,8 +13,12 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/meshca/meshca/ca"
+	"github.com/meshca/meshca/internal/kubestate"
+	"github.com/meshca/meshca/keystore/disk"
 	"github.com/meshca/meshca/keystore/memory"
 	"github.com/meshca/meshca/keystore/vault"
 )
@@ -27,7 +32,13 @@ type keystoreOptions struct {
 	// with its key in the keystore), "per-replica" (each process signs its
 	// own in memory), or empty for the backend's default.
 	intermediates string
+	secret        string
 	vault         vaultOptions
+
+	// kube and namespace locate the secret keystore's Secret; commands
+	// that offer it set them before open.
+	kube      func() (*rest.Config, error)
+	namespace string
 }
 
 // vaultOptions are the flags of the vault keystore; they map one to one
@@ -45,14 +56,17 @@ type vaultOptions struct {
 // bind adds the keystore flags; withMemory also offers an in-memory
 // keystore, as its default (for benchmarks).
 func (o *keystoreOptions) bind(fs *pflag.FlagSet, withMemory bool) {
-	def, usage := "disk", "where the CA's keys live: disk (encrypted files) or vault (HashiCorp Vault Transit: the root key never leaves Vault)"
+	def, usage := "disk", "where the CA's keys live: disk (encrypted files), secret (the disk keystore's encrypted format in a Secret in --namespace, shared by replicas) or vault (HashiCorp Vault Transit: the root key never leaves Vault)"
 	if withMemory {
 		def, usage = "memory", "where the CA's keys live: memory, disk (encrypted files) or vault (HashiCorp Vault Transit)"
 	}
 	fs.StringVar(&o.backend, "keystore", def, usage)
 	fs.StringVar(&o.dir, "keystore-dir", "", "disk keystore directory (default <data-dir>/keys)")
-	fs.StringVar(&o.passphraseFile, "keystore-passphrase-file", "", "file holding the disk keystore's passphrase")
-	fs.StringVar(&o.intermediates, "intermediates", "", "shared (one intermediate in the journal, its key in the keystore) or per-replica (each server process signs its own intermediate key, kept in memory, with the root; leaf issuance never calls the keystore); default: shared for disk, per-replica for vault")
+	fs.StringVar(&o.passphraseFile, "keystore-passphrase-file", "", "file holding the passphrase of the disk or secret keystore")
+	fs.StringVar(&o.intermediates, "intermediates", "", "shared (one intermediate in the journal, its key in the keystore) or per-replica (each server process signs its own intermediate key, kept in memory, with the root; leaf issuance never calls the keystore); default: shared for disk, per-replica for secret and vault")
+	if !withMemory {
+		fs.StringVar(&o.secret, "keystore-secret", kubestate.DefaultKeysName, "with --keystore=secret: the Secret's name")
+	}
 	o.vault.bind(fs)
 }
 
@@ -101,13 +115,21 @@ func (o *keystoreOptions) open(ctx context.Context, dataDir string, reg promethe
 			return k, err
 		}
 		k.keys = store
+	case "secret":
+		store, err := o.openSecret(log)
+		if err != nil {
+			return k, err
+		}
+		// Per replica: a shared intermediate would be renewed by whichever
+		// replica finds it due, each renewal a journal write.
+		k.keys, k.perReplica = store, true
 	case "vault":
 		var err error
 		if k, err = o.vault.openKeystore(ctx, reg, log); err != nil {
 			return k, err
 		}
 	default:
-		return k, fmt.Errorf("--keystore must be disk or vault, not %q", o.backend)
+		return k, fmt.Errorf("--keystore must be disk, secret or vault, not %q", o.backend)
 	}
 	switch o.intermediates {
 	case "":
@@ -119,6 +141,43 @@ func (o *keystoreOptions) open(ctx context.Context, dataDir string, reg promethe
 		return k, fmt.Errorf("--intermediates must be shared or per-replica, not %q", o.intermediates)
 	}
 	return k, nil
+}
+
+// openSecret opens the disk keystore's format in a Secret, created on the
+// first write; replicas opening it with the same passphrase share its keys.
+func (o *keystoreOptions) openSecret(log *slog.Logger) (*disk.Store, error) {
+	if o.kube == nil {
+		return nil, errors.New("--keystore=secret is offered by meshca server only")
+	}
+	if o.dir != "" {
+		return nil, errors.New("--keystore-dir is for --keystore=disk; --keystore=secret keeps its files in --keystore-secret")
+	}
+	if o.passphraseFile == "" {
+		return nil, errors.New("--keystore-passphrase-file is required for the secret keystore")
+	}
+	rc, err := o.kube()
+	if err != nil {
+		return nil, err
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	files, err := kubestate.NewSecretFiles(kubestate.FilesConfig{Client: client, Namespace: o.namespace, Name: o.secret})
+	if err != nil {
+		return nil, err
+	}
+	pass, err := os.ReadFile(o.passphraseFile)
+	if err != nil {
+		return nil, fmt.Errorf("keystore passphrase: %w", err)
+	}
+	defer clear(pass)
+	store, err := disk.New(disk.Config{Files: files, Passphrase: bytes.TrimRight(pass, "\r\n"), Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("keystore in a Secret", "secret", o.namespace+"/"+o.secret)
+	return store, nil
 }
 
 func (v *vaultOptions) config(reg prometheus.Registerer, log *slog.Logger) (vault.Config, error) {

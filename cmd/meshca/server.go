@@ -63,6 +63,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 				c.auditMirror = cmd.OutOrStdout()
 			}
 			if o.ca.caDir == "" {
+				o.keys.kube, o.keys.namespace = o.kube.restConfig, o.listen.namespace
 				k, err := o.keys.open(ctx, o.dataDir, c.registry, log)
 				if err != nil {
 					return err

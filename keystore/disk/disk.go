@@ -1,5 +1,7 @@
 // Package disk is a keystore.Store that keeps keys in a local directory,
-// encrypted at rest under a passphrase.
+// encrypted at rest under a passphrase. The same format can live elsewhere
+// through Config.Files, such as a Kubernetes Secret that server replicas
+// share.
 //
 // A copied disk or backup alone does not give away the CA keys: every key
 // file is sealed with XChaCha20-Poly1305 under a master key derived once, in
@@ -21,6 +23,17 @@
 // renamed over its target and the directory fsynced, so a crash leaves either
 // the old key or the new one, never a torn file. A directory must be used by
 // one process at a time.
+//
+// A store in Config.Files may be shared: processes that open it with the
+// same passphrase share its keys. Of processes creating it at once, one
+// writes the metadata and the others adopt it. GetKey then reads the key
+// file on every call instead of serving keys from memory, so a key that
+// another process replaced or deleted is never served stale. The CA would
+// not be misled by a stale key, since it gives every new key a fresh id and
+// deletes one only once its journal no longer names it; but GenerateKey's
+// replacement and DeleteKey are then what every process sees, as with a
+// single store, for one read per GetKey, which the CA calls only at start,
+// intermediate renewal and root rotation.
 package disk
 
 import (
@@ -32,12 +45,9 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 
-	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/keystore"
 )
 
@@ -60,6 +70,9 @@ type Config struct {
 	// Dir holds the store. New creates it with mode 0700 if missing and
 	// refuses it, or any file in it, if group or others have access.
 	Dir string
+	// Files holds the store instead of Dir, which must then be empty. It
+	// may be shared by processes (see the package documentation).
+	Files Files
 	// Passphrase unlocks the store and must not be empty. New does not keep
 	// it; the caller may zero it once New returns.
 	Passphrase []byte
@@ -80,23 +93,29 @@ type KDFParams struct {
 	Threads   uint8  // default 2
 }
 
-// Store is an encrypted on-disk key store. It is safe for concurrent use.
+// Store is an encrypted key store. It is safe for concurrent use.
 type Store struct {
-	dir  string
-	aead cipher.AEAD
+	files Files
+	aead  cipher.AEAD
 
 	// mu orders file replacement against cache updates, so the cache never
-	// holds a key other than the one on disk.
-	mu    sync.RWMutex
+	// holds a key other than the one stored.
+	mu sync.RWMutex
+	// cache holds decrypted keys of a directory store; it is nil for a
+	// store in Config.Files, which others may change.
 	cache map[string]crypto.Signer
 }
 
-// New opens the store in cfg.Dir, creating it if it does not exist yet. It
-// derives the master key, so it is deliberately slow, and fails with
-// ErrWrongPassphrase if the passphrase does not match the store.
+// New opens the store in cfg.Dir or cfg.Files, creating it if it does not
+// exist yet. It derives the master key, so it is deliberately slow, and
+// fails with ErrWrongPassphrase if the passphrase does not match the store.
+// It calls cfg.Files without a deadline: the Files bounds its own calls.
 func New(cfg Config) (*Store, error) {
-	if cfg.Dir == "" {
+	if cfg.Dir == "" && cfg.Files == nil {
 		return nil, errors.New("keystore/disk: no directory configured")
+	}
+	if cfg.Dir != "" && cfg.Files != nil {
+		return nil, errors.New("keystore/disk: both a directory and Files configured")
 	}
 	if len(cfg.Passphrase) == 0 {
 		return nil, errors.New("keystore/disk: empty passphrase")
@@ -105,47 +124,50 @@ func New(cfg Config) (*Store, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("keystore/disk: %w", err)
-	}
-	fi, err := os.Stat(cfg.Dir)
-	if err != nil {
-		return nil, fmt.Errorf("keystore/disk: %w", err)
-	}
-	if err := checkPerm(cfg.Dir, fi); err != nil {
-		return nil, err
-	}
-	keys, err := scan(cfg.Dir, log)
-	if err != nil {
-		return nil, err
+	s := &Store{files: cfg.Files}
+	if cfg.Files == nil {
+		dir, err := openDir(cfg.Dir, log)
+		if err != nil {
+			return nil, err
+		}
+		s.files, s.cache = dir, make(map[string]crypto.Signer)
 	}
 
-	var aead cipher.AEAD
-	md, err := readMetadata(cfg.Dir)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		if keys > 0 {
-			// Creating fresh metadata would orphan these keys for good.
-			return nil, fmt.Errorf("keystore/disk: %s holds key files but no %s", cfg.Dir, metadataFile)
-		}
-		aead, err = create(cfg.Dir, cfg.Passphrase, cfg.KDF)
-		if err != nil {
-			return nil, err
-		}
-		log.Info("Created key store", "dir", cfg.Dir)
-	case err != nil:
-		return nil, err
-	default:
-		aead, err = unlock(cfg.Dir, md, cfg.Passphrase)
-		if err != nil {
-			return nil, err
+	ctx := context.Background()
+	names, err := s.files.List(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("keystore/disk: %w", err)
+	}
+	keys := 0
+	for _, name := range names {
+		if strings.HasSuffix(name, keySuffix) {
+			keys++
 		}
 	}
-	return &Store{
-		dir:   cfg.Dir,
-		aead:  aead,
-		cache: make(map[string]crypto.Signer),
-	}, nil
+	md, err := readMetadata(ctx, s.files)
+	if errors.Is(err, fs.ErrNotExist) {
+		if keys > 0 {
+			// Creating fresh metadata would orphan these keys for good.
+			return nil, fmt.Errorf("keystore/disk: %s holds key files but no %s", s.files.Locate(""), metadataFile)
+		}
+		s.aead, err = create(ctx, s.files, cfg.Passphrase, cfg.KDF)
+		if err == nil {
+			log.Info("Created key store", "store", s.files.Locate(""))
+			return s, nil
+		}
+		if !errors.Is(err, fs.ErrExist) {
+			return nil, err
+		}
+		// Another process sharing the files created the store first.
+		md, err = readMetadata(ctx, s.files)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if s.aead, err = unlock(s.files.Locate(""), md, cfg.Passphrase); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // GenerateKey implements keystore.Store.
@@ -171,21 +193,27 @@ func (s *Store) GenerateKey(ctx context.Context, id string, kt keystore.KeyType)
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := writeFileAtomic(s.dir, id+keySuffix, data); err != nil {
+	if err := s.files.Write(ctx, id+keySuffix, data); err != nil {
 		// The rename may have happened before the failure; let the next
-		// GetKey read whatever is on disk.
+		// GetKey read whatever is stored.
 		delete(s.cache, id)
 		return nil, fmt.Errorf("keystore/disk: storing key %q: %w", id, err)
 	}
-	s.cache[id] = signer
+	if s.cache != nil {
+		s.cache[id] = signer
+	}
 	return signer, nil
 }
 
-// GetKey implements keystore.Store. A key is decrypted on first use and then
-// served from memory.
-func (s *Store) GetKey(_ context.Context, id string) (crypto.Signer, error) {
+// GetKey implements keystore.Store. A key in a directory is decrypted on
+// first use and then served from memory; one in Config.Files is read and
+// decrypted on every call.
+func (s *Store) GetKey(ctx context.Context, id string) (crypto.Signer, error) {
 	if err := keystore.ValidateID(id); err != nil {
 		return nil, fmt.Errorf("keystore/disk: %w", err)
+	}
+	if s.cache == nil {
+		return s.load(ctx, id)
 	}
 	s.mu.RLock()
 	signer, ok := s.cache[id]
@@ -201,7 +229,7 @@ func (s *Store) GetKey(_ context.Context, id string) (crypto.Signer, error) {
 	if signer, ok := s.cache[id]; ok {
 		return signer, nil
 	}
-	signer, err := s.load(id)
+	signer, err := s.load(ctx, id)
 	if err != nil {
 		return nil, err
 	}
@@ -211,35 +239,33 @@ func (s *Store) GetKey(_ context.Context, id string) (crypto.Signer, error) {
 
 // DeleteKey implements keystore.Deleter. Deleting an unknown id reports
 // keystore.ErrNotFound.
-func (s *Store) DeleteKey(_ context.Context, id string) error {
+func (s *Store) DeleteKey(ctx context.Context, id string) error {
 	if err := keystore.ValidateID(id); err != nil {
 		return fmt.Errorf("keystore/disk: %w", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.cache, id)
-	err := os.Remove(filepath.Join(s.dir, id+keySuffix))
+	err := s.files.Remove(ctx, id+keySuffix)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("keystore/disk: key %q: %w", id, keystore.ErrNotFound)
 	}
 	if err != nil {
 		return fmt.Errorf("keystore/disk: deleting key %q: %w", id, err)
 	}
-	if err := atomicfile.SyncDir(s.dir); err != nil {
-		return fmt.Errorf("keystore/disk: deleting key %q: %w", id, err)
-	}
 	return nil
 }
 
-func (s *Store) load(id string) (crypto.Signer, error) {
-	path := filepath.Join(s.dir, id+keySuffix)
-	data, err := os.ReadFile(path)
+func (s *Store) load(ctx context.Context, id string) (crypto.Signer, error) {
+	name := id + keySuffix
+	data, err := s.files.Read(ctx, name)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("keystore/disk: key %q: %w", id, keystore.ErrNotFound)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("keystore/disk: reading key %q: %w", id, err)
 	}
+	path := s.files.Locate(name)
 	der, err := openKey(s.aead, id, data)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, path, err)
@@ -255,45 +281,4 @@ func (s *Store) load(id string) (crypto.Signer, error) {
 		return nil, fmt.Errorf("%w: %s: %T is not a signing key", ErrCorrupt, path, key)
 	}
 	return signer, nil
-}
-
-// scan removes leftovers of interrupted writes, checks file permissions and
-// counts key files.
-func scan(dir string, log *slog.Logger) (keys int, err error) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return 0, fmt.Errorf("keystore/disk: %w", err)
-	}
-	for _, e := range entries {
-		name := e.Name()
-		path := filepath.Join(dir, name)
-		if isTemp(name) {
-			if err := os.Remove(path); err != nil {
-				return 0, fmt.Errorf("keystore/disk: removing leftover temp file: %w", err)
-			}
-			log.Warn("Removed leftover temp file of an interrupted write", "file", path)
-			continue
-		}
-		if !strings.HasSuffix(name, keySuffix) {
-			continue
-		}
-		fi, err := e.Info()
-		if err != nil {
-			return 0, fmt.Errorf("keystore/disk: %w", err)
-		}
-		if err := checkPerm(path, fi); err != nil {
-			return 0, err
-		}
-		keys++
-	}
-	return keys, nil
-}
-
-// checkPerm refuses files others could read or replace, as ssh does, rather
-// than quietly keeping keys in a shared place.
-func checkPerm(path string, fi fs.FileInfo) error {
-	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return fmt.Errorf("keystore/disk: %s has mode %#o, want no group or other access", path, perm)
-	}
-	return nil
 }

@@ -1,13 +1,12 @@
 package disk
 
 import (
+	"context"
 	"crypto/cipher"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 
 	"golang.org/x/crypto/argon2"
 	"golang.org/x/crypto/chacha20poly1305"
@@ -73,8 +72,9 @@ func deriveAEAD(passphrase []byte, p kdfParams) (cipher.AEAD, error) {
 	return chacha20poly1305.NewX(key)
 }
 
-// create writes the metadata of a new store and returns its AEAD.
-func create(dir string, passphrase []byte, cfg KDFParams) (cipher.AEAD, error) {
+// create writes the metadata of a new store and returns its AEAD. The
+// error matches fs.ErrExist if another process created the store first.
+func create(ctx context.Context, files Files, passphrase []byte, cfg KDFParams) (cipher.AEAD, error) {
 	p := kdfParams{
 		Name:      kdfArgon2id,
 		Time:      orDefault(cfg.Time, defaultTime),
@@ -99,7 +99,7 @@ func create(dir string, passphrase []byte, cfg KDFParams) (cipher.AEAD, error) {
 	if err != nil {
 		return nil, fmt.Errorf("keystore/disk: %w", err)
 	}
-	if err := writeFileAtomic(dir, metadataFile, append(data, '\n')); err != nil {
+	if err := files.Create(ctx, metadataFile, append(data, '\n')); err != nil {
 		return nil, fmt.Errorf("keystore/disk: writing %s: %w", metadataFile, err)
 	}
 	return aead, nil
@@ -107,22 +107,12 @@ func create(dir string, passphrase []byte, cfg KDFParams) (cipher.AEAD, error) {
 
 // readMetadata loads keystore.json; the error matches fs.ErrNotExist if the
 // store has not been created yet.
-func readMetadata(dir string) (*metadata, error) {
-	path := filepath.Join(dir, metadataFile)
-	fi, err := os.Lstat(path)
+func readMetadata(ctx context.Context, files Files) (*metadata, error) {
+	data, err := files.Read(ctx, metadataFile)
 	if err != nil {
 		return nil, fmt.Errorf("keystore/disk: %w", err)
 	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("keystore/disk: %s is not a regular file", path)
-	}
-	if err := checkPerm(path, fi); err != nil {
-		return nil, err
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("keystore/disk: %w", err)
-	}
+	path := files.Locate(metadataFile)
 	var md metadata
 	if err := json.Unmarshal(data, &md); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, path, err)
@@ -137,15 +127,15 @@ func readMetadata(dir string) (*metadata, error) {
 }
 
 // unlock derives the master key of an existing store and checks it against
-// the verifier.
-func unlock(dir string, md *metadata, passphrase []byte) (cipher.AEAD, error) {
+// the verifier; where names the store.
+func unlock(where string, md *metadata, passphrase []byte) (cipher.AEAD, error) {
 	aead, err := deriveAEAD(passphrase, md.KDF)
 	if err != nil {
 		return nil, fmt.Errorf("keystore/disk: %w", err)
 	}
 	pt, err := open(aead, md.Verifier, []byte(verifierAAD))
 	if err != nil || string(pt) != verifierPlaintext {
-		return nil, fmt.Errorf("%w for %s", ErrWrongPassphrase, dir)
+		return nil, fmt.Errorf("%w for %s", ErrWrongPassphrase, where)
 	}
 	return aead, nil
 }
