@@ -24,15 +24,30 @@ const (
 	publishRetryMax = 30 * time.Second
 )
 
+// bundlePublisher returns where `meshca server` publishes the trust
+// bundle: the --bundle-configmap ConfigMap with the kube authenticator,
+// nothing otherwise.
+func (o *serverOptions) bundlePublisher(authn any) (bundlePublisher, error) {
+	k, isKube := authn.(*kubeAuth)
+	if !isKube || o.bundleCM == "" {
+		return nil, nil
+	}
+	return kubestate.NewBundleConfigMap(kubestate.BundleConfig{Client: k.client, Namespace: o.listen.namespace, Name: o.bundleCM})
+}
+
 // publishBundle keeps the trust bundle ConfigMap equal to the CA's bundle
-// while this replica leads. One writer: a follower that has not yet read
+// while this replica leads (always, without an elector). One writer: a follower that has not yet read
 // the leader's latest rotation step would write an older bundle back.
 func publishBundle(ctx context.Context, a *ca.Authority, el leader.Elector, pub bundlePublisher, log *slog.Logger) error {
 	retry := publishRetryMin
 	for {
-		caChanged, leadChanged := a.Changed(), el.Changed()
+		var leadChanged <-chan struct{}
+		if el != nil {
+			leadChanged = el.Changed()
+		}
+		caChanged := a.Changed()
 		var again <-chan time.Time
-		if el.IsLeader() {
+		if el == nil || el.IsLeader() {
 			roots := a.Issuer().Roots
 			wrote, err := pub.Publish(ctx, ca.EncodeCerts(roots...))
 			switch {

@@ -10,10 +10,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
 	"github.com/meshca/meshca/internal/audit"
+	"github.com/meshca/meshca/internal/kubestate"
 )
 
 type serverOptions struct {
@@ -26,6 +28,7 @@ type serverOptions struct {
 	kube          kubeOptions
 	devTokenKey   string
 	bundleOut     string
+	bundleCM      string
 	sdsRootsOnly  bool
 	auditDir      string
 	auditStdout   bool
@@ -80,7 +83,17 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return st.run(ctx, o.bundleOut)
+			pub, err := o.bundlePublisher(c.authn)
+			if err != nil {
+				return err
+			}
+			if pub == nil {
+				return st.run(ctx, o.bundleOut)
+			}
+			g, gctx := errgroup.WithContext(ctx)
+			g.Go(func() error { return st.run(gctx, o.bundleOut) })
+			g.Go(func() error { return publishBundle(gctx, st.authority, c.elector, pub, log) })
+			return g.Wait()
 		},
 	}
 	fs := cmd.Flags()
@@ -93,6 +106,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")
 	fs.StringVar(&o.bundleOut, "bundle-out", "", "write the trust bundle (PEM) to this file and keep it current")
+	fs.StringVar(&o.bundleCM, "bundle-configmap", kubestate.DefaultBundleName, `with --authenticator=kube: the ConfigMap in --namespace where the leader publishes the trust bundle (key root-cert.pem) and keeps it current; "" publishes none`)
 	fs.StringVar(&o.auditDir, "audit-dir", "", "directory of the audit ledger (default <data-dir>/audit)")
 	fs.DurationVar(&o.auditDelay, "audit-commit-delay", audit.DefaultCommitDelay, "under load, space the audit ledger's group commits (one fsync each) by this much, so each carries more records; appends further apart never wait (negative: never wait)")
 	fs.BoolVar(&o.auditStdout, "audit-stdout", false, "also write every audit record to stdout as a JSON line, once it is on disk (for log shippers)")
