@@ -171,18 +171,37 @@ func TestReplicaFollowsRotation(t *testing.T) {
 	}
 }
 
-// A step against a journal another replica changed meanwhile is refused,
-// not written over it; the loser follows the winner at its next pass.
+// raceJournal lets another replica write first, once, between a replica's
+// read of the journal and its write: the race the compare-and-swap is for.
+type raceJournal struct {
+	ca.FileJournal
+	before func()
+	once   sync.Once
+}
+
+func (r *raceJournal) Save(ctx context.Context, data []byte, rev string) (string, error) {
+	if r.before != nil {
+		r.once.Do(r.before)
+	}
+	return r.FileJournal.Save(ctx, data, rev)
+}
+
+// A step that loses a race with another replica's is refused, not written
+// over it, and leaves no key behind; the loser follows the winner at its
+// next pass.
 func TestConcurrentStepsDoNotOverwrite(t *testing.T) {
 	clock := clockwork.NewFakeClockAt(start)
 	keys := &flakyKeys{Store: memory.New()}
 	path := filepath.Join(t.TempDir(), "journal.json")
 	a := replica(t, keys, ca.FileJournal{Path: path}, clock, nil)
-	b := replica(t, keys, ca.FileJournal{Path: path}, clock, nil)
+	racy := &raceJournal{FileJournal: ca.FileJournal{Path: path}}
+	b := replica(t, keys, racy, clock, nil)
 
-	ra := rotate(t, a, ca.StepPrepare)
+	var ra ca.Rotation
+	racy.before = func() { ra = rotate(t, a, ca.StepPrepare) }
+	generated := len(keys.generated)
 	if _, err := b.Rotate(context.Background(), ca.StepPrepare); !errors.Is(err, ca.ErrJournalConflict) {
-		t.Fatalf("second prepare from a stale journal: err = %v, want ErrJournalConflict", err)
+		t.Fatalf("prepare that lost the race: err = %v, want ErrJournalConflict", err)
 	}
 	j, err := ca.LoadJournal(path)
 	if err != nil {
@@ -191,12 +210,70 @@ func TestConcurrentStepsDoNotOverwrite(t *testing.T) {
 	if got, err := ca.ParseCerts([]byte(j.Next.RootCertPEM)); err != nil || !got[0].Equal(ra.Next) {
 		t.Fatal("the losing prepare replaced the winner's next root")
 	}
+	if n := len(keys.generated) - generated; n != 2 {
+		t.Fatalf("%d root keys generated, want one per prepare", n)
+	}
+	for _, id := range keys.generated[generated:] {
+		_, err := keys.Store.GetKey(context.Background(), id)
+		if id == j.Next.RootKeyID && err != nil {
+			t.Fatalf("the winner's next root key is gone: %v", err)
+		}
+		if id != j.Next.RootKeyID && !errors.Is(err, keystore.ErrNotFound) {
+			t.Fatalf("the losing prepare's root key %s was left behind (err %v)", id, err)
+		}
+	}
 	if err := b.Maintain(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	rb, err := b.Rotation()
 	if err != nil || rb.Phase != ca.PhasePrepared || !rb.Next.Equal(ra.Next) {
 		t.Fatalf("loser did not follow the winner: phase %s, err %v", rb.Phase, err)
+	}
+	if !sameCerts(b.Issuer().Roots, []*x509.Certificate{rb.Current, ra.Next}) {
+		t.Fatal("the loser's bundle does not hold the winner's next root")
+	}
+}
+
+// A replica that has just become leader may not have followed its
+// predecessor's last step yet. Its steps are decided on the journal as
+// stored, not refused as a conflict or judged against a phase that has
+// passed; and what a refused step read is followed at the next pass.
+func TestStepsStartFromTheStoredJournal(t *testing.T) {
+	clock := clockwork.NewFakeClockAt(start)
+	keys := &flakyKeys{Store: memory.New()}
+	path := filepath.Join(t.TempDir(), "journal.json")
+	before := replica(t, keys, ca.FileJournal{Path: path}, clock, nil)
+	after := replica(t, keys, ca.FileJournal{Path: path}, clock, nil)
+	rootA := after.Issuer().Roots[0]
+
+	// after has run no pass since the prepare: it still thinks idle.
+	prepared := rotate(t, before, ca.StepPrepare)
+	r := rotate(t, after, ca.StepActivate)
+	if !r.Current.Equal(prepared.Next) || !after.Issuer().Roots[0].Equal(prepared.Next) {
+		t.Fatal("the activation did not make the prepared root current")
+	}
+	if err := verifies(issue(t, after, workload).Chain, []*x509.Certificate{prepared.Next}, clock.Now()); err != nil {
+		t.Fatalf("leaf after the activation: %v", err)
+	}
+
+	// before still thinks prepared: its activate is refused for the
+	// phase the journal is in, and it follows that phase at its next
+	// pass although its own read found the change first.
+	if _, err := before.Rotate(context.Background(), ca.StepActivate); !errors.Is(err, ca.ErrRotationPhase) {
+		t.Fatalf("activate of an activated rotation: err = %v, want ErrRotationPhase", err)
+	}
+	if !before.Issuer().Roots[0].Equal(rootA) {
+		t.Fatal("a refused step changed the issuer")
+	}
+	if err := before.Maintain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	bi := before.Issuer()
+	if !sameCerts(bi.Roots, []*x509.Certificate{prepared.Next, rootA}) {
+		t.Fatal("after its pass, the replica's bundle is not [new, old]")
+	}
+	if err := verifies(issue(t, before, workload).Chain, []*x509.Certificate{prepared.Next}, clock.Now()); err != nil {
+		t.Fatalf("the replica still signs under the retiring root: %v", err)
 	}
 }
 

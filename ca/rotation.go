@@ -152,16 +152,31 @@ func (s *SelfManaged) Rotate(ctx context.Context, now time.Time, step Step) (*Is
 	if s.journal == nil {
 		return nil, ErrNotReady
 	}
+	// Decide on the journal as stored, not as last read: a replica that
+	// has just become leader may not have followed its predecessor's last
+	// step yet, and would have its step refused as a conflict or judged
+	// against a phase that has passed.
+	changed, err := s.reload(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.unfollowed = s.unfollowed || changed
+	var iss *Issuer
 	switch step {
 	case StepPrepare:
-		return s.prepare(ctx, now)
+		iss, err = s.prepare(ctx, now)
 	case StepActivate:
-		return s.activate(ctx, now)
+		iss, err = s.activate(ctx, now)
 	case StepRetire:
-		return s.retire(ctx, now)
+		iss, err = s.retire(ctx, now)
 	default:
-		return nil, fmt.Errorf("ca: unknown rotation step %q", step)
+		err = fmt.Errorf("ca: unknown rotation step %q", step)
 	}
+	if err != nil {
+		return nil, err
+	}
+	s.unfollowed = false
+	return iss, nil
 }
 
 func (s *SelfManaged) prepare(ctx context.Context, now time.Time) (*Issuer, error) {
@@ -181,6 +196,9 @@ func (s *SelfManaged) prepare(ctx context.Context, now time.Time) (*Issuer, erro
 	at := now.UTC()
 	next.PreparedAt, next.ActivatedAt = &at, nil
 	if err := s.save(ctx, &next); err != nil {
+		// A refused write is routine among replicas (another wrote
+		// first): the unrecorded key must not pile up in the keystore.
+		s.deleteKey(ctx, rootID, "root of a prepare that was not recorded")
 		return nil, err
 	}
 	s.cfg.Logger.Info("prepared a new root CA; it is in the trust bundle and signs nothing yet",

@@ -64,6 +64,10 @@ type SelfManaged struct {
 	rev     string
 	// local is this process's own intermediate (PerReplicaIntermediates).
 	local *localIntermediate
+	// unfollowed says the journal in use was read by a rotation step that
+	// then failed: the Authority still has the issuer of the journal
+	// before, and the next Maintain must hand over the new one.
+	unfollowed bool
 }
 
 // localIntermediate is a per-replica intermediate and the root it chains to.
@@ -125,10 +129,16 @@ func (s *SelfManaged) Maintain(ctx context.Context, now time.Time, current *Issu
 	if err != nil {
 		return nil, err
 	}
+	changed = changed || s.unfollowed
 	if !changed && now.Before(renewAt(current.Cert)) {
 		return nil, nil
 	}
-	return s.issuer(ctx, now, changed)
+	iss, err := s.issuer(ctx, now, changed)
+	if err != nil {
+		return nil, err
+	}
+	s.unfollowed = false
+	return iss, nil
 }
 
 // reload reads the journal and adopts it when its revision differs from the

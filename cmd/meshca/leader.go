@@ -4,9 +4,11 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/tools/leaderelection"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/internal/kubestate"
@@ -18,6 +20,9 @@ import (
 type replicaOptions struct {
 	election      string
 	lease         string
+	leaseDuration time.Duration
+	renewDeadline time.Duration
+	retryPeriod   time.Duration
 	journal       string
 	journalSecret string
 }
@@ -25,6 +30,9 @@ type replicaOptions struct {
 func (o *replicaOptions) bind(fs *pflag.FlagSet) {
 	fs.StringVar(&o.election, "leader-election", "", "how the replica that drives root rotation is chosen: lease (a Lease in --namespace, needs --authenticator=kube) or file (a lock file in --data-dir, for replicas on one machine); default lease with --authenticator=kube, else file")
 	fs.StringVar(&o.lease, "leader-lease", "meshca-leader", "with --leader-election=lease: the Lease's name")
+	fs.DurationVar(&o.leaseDuration, "leader-lease-duration", leader.DefaultLeaseDuration, "with --leader-election=lease: how long the Lease stays the leader's after its last renewal (whole seconds), so how long the others wait before replacing a leader that died; shorter hands over faster, but a leader must renew within it under any load")
+	fs.DurationVar(&o.renewDeadline, "leader-renew-deadline", leader.DefaultRenewDeadline, "with --leader-election=lease: a leader that has not renewed the Lease for this long stops leading; --leader-lease-duration must exceed it and --leader-retry-period together (and 1s more with a retry period under 1s), so it stops before another replica may start")
+	fs.DurationVar(&o.retryPeriod, "leader-retry-period", leader.DefaultRetryPeriod, "with --leader-election=lease: how often the leader renews the Lease and the others try to take it; shorter notices a dead leader sooner, at the cost of more writes and reads on the API server (one each per replica and period)")
 	fs.StringVar(&o.journal, "ca-journal", "file", "where the CA journal (roots and rotation phase) lives: file (<data-dir>/ca-journal.json) or secret (a Secret in --namespace, shared by replicas; needs --authenticator=kube)")
 	fs.StringVar(&o.journalSecret, "ca-journal-secret", kubestate.DefaultName, "with --ca-journal=secret: the Secret's name")
 }
@@ -49,7 +57,11 @@ func (o *replicaOptions) build(authn any, namespace, dataDir string, reg prometh
 		if !isKube {
 			return nil, nil, fmt.Errorf("--leader-election=lease needs --authenticator=kube")
 		}
-		el, err = leader.NewLease(leader.LeaseConfig{Client: k.client, Namespace: namespace, Name: o.lease, Logger: log, Metrics: reg})
+		if err := o.checkLeaseTimings(); err != nil {
+			return nil, nil, err
+		}
+		el, err = leader.NewLease(leader.LeaseConfig{Client: k.client, Namespace: namespace, Name: o.lease,
+			LeaseDuration: o.leaseDuration, RenewDeadline: o.renewDeadline, RetryPeriod: o.retryPeriod, Logger: log, Metrics: reg})
 	case "file":
 		el, err = fileElector(dataDir, reg, log)
 	default:
@@ -72,6 +84,29 @@ func (o *replicaOptions) build(authn any, namespace, dataDir string, reg prometh
 		return nil, nil, fmt.Errorf("--ca-journal must be file or secret, not %q", o.journal)
 	}
 	return el, journal, nil
+}
+
+// checkLeaseTimings refuses timings the Lease election cannot keep, naming
+// the flags: leader.NewLease would refuse them too, in its own terms.
+func (o *replicaOptions) checkLeaseTimings() error {
+	lease, renew, retry := o.leaseDuration, o.renewDeadline, o.retryPeriod
+	switch {
+	case lease <= 0 || renew <= 0 || retry <= 0:
+		return fmt.Errorf("--leader-lease-duration (%v), --leader-renew-deadline (%v) and --leader-retry-period (%v) must all be positive", lease, renew, retry)
+	case lease < time.Second || lease%time.Second != 0:
+		return fmt.Errorf("--leader-lease-duration (%v) must be a whole number of seconds, at least 1s: the Lease records whole seconds", lease)
+	case float64(renew) <= leaderelection.JitterFactor*float64(retry):
+		return fmt.Errorf("--leader-renew-deadline (%v) must be longer than %g × --leader-retry-period (%v), so that a leader gets to retry a failed renewal before it gives up", renew, leaderelection.JitterFactor, retry)
+	}
+	if least := leader.MinLeaseDuration(renew, retry); lease <= least {
+		extra := ""
+		if d := least - renew - retry; d > 0 {
+			extra = fmt.Sprintf(" and %v (renewals under a second apart can look like no change to the others, who compare the Lease in whole seconds)", d)
+		}
+		return fmt.Errorf("--leader-lease-duration (%v) must be longer than %v, --leader-renew-deadline (%v) plus --leader-retry-period (%v)%s: a leader cut off from the API server has to stop leading before another replica may take over",
+			lease, least, renew, retry, extra)
+	}
+	return nil
 }
 
 // fileElector is the election of replicas that share a data directory.

@@ -140,8 +140,19 @@ Progress is printed whenever it changes.`,
 
 // rotateRoot drives the steps in order from whatever phase the server is in.
 func rotateRoot(ctx context.Context, c *admin.Client, w io.Writer, minAcked float64, poll time.Duration) error {
+	// started: a rotation is under way, so idle means it has completed.
+	// Only a step taken or a phase past idle says so, never a refused
+	// prepare.
 	started := false
 	last := ""
+	wait := func(step ca.Step, phase ca.Phase) error {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("stopped while waiting to %s (the rotation stays %s; run `meshca root rotate` again to continue): %w", step, phase, ctx.Err())
+		case <-time.After(poll):
+			return nil
+		}
+	}
 	for {
 		var st rotation.Status
 		if err := c.Do(ctx, http.MethodGet, "/v1/roots", nil, &st); err != nil {
@@ -157,17 +168,15 @@ func rotateRoot(ctx context.Context, c *admin.Client, w io.Writer, minAcked floa
 			step = ca.StepPrepare
 		default:
 			step = st.NextStep
+			started = true
 		}
-		started = true
 		if len(st.Blockers) > 0 {
 			if msg := strings.Join(st.Blockers, "; "); msg != last {
 				fmt.Fprintf(w, "%s  waiting to %s: %s\n", stamp(), step, msg)
 				last = msg
 			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("stopped while waiting to %s (the rotation stays %s; run `meshca root rotate` again to continue): %w", step, st.Phase, ctx.Err())
-			case <-time.After(poll):
+			if err := wait(step, st.Phase); err != nil {
+				return err
 			}
 			continue
 		}
@@ -180,13 +189,22 @@ func rotateRoot(ctx context.Context, c *admin.Client, w io.Writer, minAcked floa
 		var apiErr *admin.APIError
 		if errors.As(err, &apiErr) && apiErr.HTTPStatus == http.StatusConflict {
 			// The gate closed again between the status and the step (a
-			// proxy reconnected); look again.
-			fmt.Fprintf(w, "%s  %s refused, will retry: %s\n", stamp(), step, apiErr.Body.Error)
+			// proxy reconnected), or this replica does not lead (behind
+			// a Service, the next request may reach the one that does):
+			// look again after a poll.
+			if msg := string(step) + " refused: " + apiErr.Body.Error; msg != last {
+				fmt.Fprintf(w, "%s  %s, will retry\n", stamp(), msg)
+				last = msg
+			}
+			if err := wait(step, st.Phase); err != nil {
+				return err
+			}
 			continue
 		}
 		if err != nil {
 			return err
 		}
+		started = true
 		last = ""
 		fmt.Fprintf(w, "%s  %s done: %s\n", stamp(), step, phaseLine(after))
 	}

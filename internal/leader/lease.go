@@ -24,6 +24,25 @@ const (
 	DefaultRetryPeriod   = 2 * time.Second
 )
 
+// MinLeaseDuration is what a lease duration must be longer than, with
+// renewDeadline and retryPeriod, for a leader to stop leading before
+// another may start.
+//
+// A leader cut off from the API server leads on until the renewal it began
+// a retryPeriod after its last success has failed for renewDeadline. The
+// others take over a lease duration after they saw that success, and may
+// have seen it up to a second early: client-go tells Lease records apart
+// by their times in whole seconds, so a renewal less than a second after
+// the one before looks like no change. Retry periods under a second
+// therefore cost a second of the lease.
+func MinLeaseDuration(renewDeadline, retryPeriod time.Duration) time.Duration {
+	least := renewDeadline + retryPeriod
+	if retryPeriod < time.Second {
+		least += time.Second
+	}
+	return least
+}
+
 // LeaseConfig configures a Lease elector.
 type LeaseConfig struct {
 	// Client reaches the API server. The election's requests share its
@@ -39,7 +58,8 @@ type LeaseConfig struct {
 	Identity string
 	// LeaseDuration, RenewDeadline and RetryPeriod default to
 	// DefaultLeaseDuration, DefaultRenewDeadline and DefaultRetryPeriod.
-	// The Lease stores whole seconds, so LeaseDuration is at least 1s.
+	// The Lease stores whole seconds, so LeaseDuration is a whole number
+	// of seconds, at least 1s, and longer than MinLeaseDuration.
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 	Logger                                    *slog.Logger
 	// Metrics registers meshca_leader and meshca_leader_transitions_total
@@ -78,6 +98,16 @@ func NewLease(cfg LeaseConfig) (*Lease, error) {
 	}
 	if cfg.LeaseDuration < time.Second {
 		return nil, fmt.Errorf("leader: lease duration %v is under the Lease's resolution of 1s", cfg.LeaseDuration)
+	}
+	// The Lease keeps whole seconds and the other candidates go by what it
+	// keeps: a fraction would be cut off the lease they wait out, under
+	// what the check below allowed.
+	if cfg.LeaseDuration%time.Second != 0 {
+		return nil, fmt.Errorf("leader: lease duration %v is not a whole number of seconds, which the Lease records", cfg.LeaseDuration)
+	}
+	if least := MinLeaseDuration(cfg.RenewDeadline, cfg.RetryPeriod); cfg.LeaseDuration <= least {
+		return nil, fmt.Errorf("leader: lease duration %v is not longer than %v, what renew deadline %v and retry period %v need: a leader cut off from the API server could still lead when another takes over",
+			cfg.LeaseDuration, least, cfg.RenewDeadline, cfg.RetryPeriod)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

@@ -188,6 +188,13 @@ func TestNewLeaseRejectsBadConfig(t *testing.T) {
 		"renew deadline over lease":  {Client: client, Namespace: "ns", Name: "n", LeaseDuration: 5 * time.Second, RenewDeadline: 6 * time.Second},
 		"retry period over deadline": {Client: client, Namespace: "ns", Name: "n", RenewDeadline: 2 * time.Second, RetryPeriod: 2 * time.Second},
 		"lease under one second":     {Client: client, Namespace: "ns", Name: "n", LeaseDuration: 900 * time.Millisecond, RenewDeadline: 500 * time.Millisecond, RetryPeriod: 100 * time.Millisecond},
+		// Stored as 7s, no longer than the 5s deadline and 2s retry
+		// need: the others could take over while this replica leads.
+		"lease in fractions of a second": {Client: client, Namespace: "ns", Name: "n", LeaseDuration: 7500 * time.Millisecond, RenewDeadline: 5 * time.Second, RetryPeriod: 2 * time.Second},
+		// A cut-off leader leads until 3.5s after its last renewal;
+		// others that saw it up to a second early take over after 3s.
+		"lease within deadline, retry and a second": {Client: client, Namespace: "ns", Name: "n", LeaseDuration: 4 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: 500 * time.Millisecond},
+		"lease within deadline and retry":           {Client: client, Namespace: "ns", Name: "n", LeaseDuration: 12 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second},
 	} {
 		if _, err := leader.NewLease(cfg); err == nil || !strings.HasPrefix(err.Error(), "leader: ") {
 			t.Errorf("%s: NewLease = %v, want a leader: error", name, err)
@@ -195,6 +202,10 @@ func TestNewLeaseRejectsBadConfig(t *testing.T) {
 	}
 	if _, err := leader.NewLease(leader.LeaseConfig{Client: client, Namespace: "ns", Name: "n"}); err != nil {
 		t.Errorf("defaults: %v", err)
+	}
+	if _, err := leader.NewLease(leader.LeaseConfig{Client: client, Namespace: "ns", Name: "n",
+		LeaseDuration: 5 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: 500 * time.Millisecond}); err != nil {
+		t.Errorf("lease 5s, renew deadline 3s, retry 500ms: %v", err)
 	}
 }
 
