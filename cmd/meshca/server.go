@@ -24,6 +24,7 @@ type serverOptions struct {
 	dataDir       string
 	keys          keystoreOptions
 	replicas      replicaOptions
+	peers         peersOptions
 	authenticator string
 	kube          kubeOptions
 	devTokenKey   string
@@ -55,7 +56,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 			}
 			c := stackConfig{ca: o.ca, listen: o.listen, journalPath: filepath.Join(o.dataDir, "ca-journal.json"),
 				registry: newRegistry(), sdsRootsOnly: o.sdsRootsOnly, auditDir: o.auditDir, auditCommitDelay: o.auditDelay, admin: o.admin, log: log,
-				mtls: o.mtls.inDataDir(o.dataDir)}
+				mtls: o.mtls.inDataDir(o.dataDir), peers: o.peers}
 			if c.admin.socket == "" {
 				c.admin.socket = filepath.Join(o.dataDir, "admin", "admin.sock")
 			}
@@ -102,6 +103,7 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 	fs.StringVar(&o.dataDir, "data-dir", "/var/lib/meshca", "directory for the CA journal and, by default, the disk keystore")
 	o.keys.bind(fs, false)
 	o.replicas.bind(fs)
+	o.peers.bind(fs)
 	fs.StringVar(&o.authenticator, "authenticator", "kube", "how workload tokens are verified: kube (Kubernetes TokenReview) or dev (meshca's development token issuer)")
 	o.kube.bind(fs, "kubeconfig of the local cluster (default: the in-cluster configuration)", true)
 	fs.StringVar(&o.devTokenKey, "dev-token-key", "", "with --authenticator=dev: the development token signing key (PEM)")

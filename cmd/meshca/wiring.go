@@ -31,6 +31,7 @@ import (
 	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
 	"github.com/meshca/meshca/internal/leader"
+	"github.com/meshca/meshca/internal/peers"
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/rotation"
 	"github.com/meshca/meshca/internal/server"
@@ -96,6 +97,9 @@ type stack struct {
 	sds       *sds.Server
 	ledger    *audit.Ledger
 	rotator   *rotation.Rotator // nil for a plugged-in CA
+	// peers publishes this replica's proxies and certificates to the
+	// others and reads theirs for rotation; nil when alone.
+	peers     *peers.Publisher
 	admin     *admin.Server
 	adminOpts adminOptions
 	adminLs   []net.Listener // opened by listen
@@ -134,6 +138,8 @@ type stackConfig struct {
 	auditCommitDelay time.Duration
 	// admin configures the admin API and root rotation.
 	admin adminOptions
+	// peers shapes the view replicas share for root rotation's gates.
+	peers peersOptions
 	// mtls says where the mesh mTLS policy is kept.
 	mtls mtlsOptions
 	// registry holds the metrics; nil makes a new one.
@@ -277,8 +283,20 @@ func buildStack(ctx context.Context, c stackConfig) (*stack, error) {
 func (s *stack) buildAdmin(c stackConfig) error {
 	var routes []admin.Route
 	if c.ca.caDir == "" {
+		// With replicas, the gates must count every replica's proxies and
+		// certificates, not only this one's.
+		var proxies rotation.Proxies = s.sds
+		var ledger rotation.Ledger = ledgerHoldings(s.ledger)
+		pub, err := buildPeers(c, proxies, ledger, s.registry)
+		if err != nil {
+			return err
+		}
+		if pub != nil {
+			s.peers = pub
+			proxies, ledger = pub.View(), pub.View()
+		}
 		rot, err := rotation.New(rotation.Config{
-			CA: s.authority, Proxies: s.sds, Ledger: ledgerHoldings(s.ledger),
+			CA: s.authority, Proxies: proxies, Ledger: ledger,
 			MinAcked: c.admin.minAcked, Schedule: c.admin.schedule, Leader: c.elector, Logger: c.log, Metrics: s.registry,
 		})
 		if err != nil {
@@ -342,6 +360,9 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 	}
 	if s.rotator != nil {
 		g.Go(func() error { return s.rotator.Run(ctx) })
+	}
+	if s.peers != nil {
+		g.Go(func() error { return s.peers.Run(ctx) })
 	}
 	g.Go(func() error { return s.authority.Run(ctx) })
 	if s.elector != nil {

@@ -21,6 +21,8 @@ type Elector interface {
 	// Changed returns a channel that is closed at the next change of
 	// IsLeader or Leader; call it again for the change after that.
 	Changed() <-chan struct{}
+	// Identity names this replica, as it appears as the leader.
+	Identity() string
 	// Leader is the identity of the leader: this replica's while it
 	// leads, otherwise the holder last seen in the lock (which may have
 	// lapsed), or "" if none is known.
@@ -50,6 +52,9 @@ func (s *state) IsLeader() bool {
 	defer s.mu.Unlock()
 	return s.leading
 }
+
+// Identity implements Elector.
+func (s *state) Identity() string { return s.identity }
 
 // Leader implements Elector.
 func (s *state) Leader() string {

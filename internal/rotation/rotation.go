@@ -250,7 +250,7 @@ func (r *Rotator) Status(ctx context.Context) (Status, error) {
 func (r *Rotator) valid(ctx context.Context, now time.Time) ([]Holding, error) {
 	holdings, err := r.cfg.Ledger.Valid(ctx, now)
 	if err != nil {
-		return nil, fmt.Errorf("rotation: reading live certificates from the audit ledger: %w", err)
+		return nil, fmt.Errorf("rotation: reading live certificates: %w", err)
 	}
 	return holdings, nil
 }
