@@ -26,6 +26,7 @@ import (
 	"github.com/meshca/meshca/identity/devtoken"
 	"github.com/meshca/meshca/internal/agent"
 	"github.com/meshca/meshca/internal/atomicfile"
+	"github.com/meshca/meshca/keystore/disk"
 )
 
 // Files of the development data directory.
@@ -170,7 +171,7 @@ func (o *devOptions) openKeystore(ctx context.Context, reg prometheus.Registerer
 		if err != nil {
 			return openedKeystore{}, err
 		}
-		keys, err := openDiskKeystore(filepath.Join(o.dataDir, devKeysDir), passFile, log)
+		keys, err := openDiskKeystore(disk.Config{Dir: filepath.Join(o.dataDir, devKeysDir), Logger: log}, passFile, "disk")
 		return openedKeystore{keys: keys}, err
 	case "vault":
 		return o.vault.openKeystore(ctx, reg, log)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -110,7 +109,7 @@ func (o *keystoreOptions) open(ctx context.Context, dataDir string, reg promethe
 		if dir == "" {
 			dir = filepath.Join(dataDir, "keys")
 		}
-		store, err := openDiskKeystore(dir, o.passphraseFile, log)
+		store, err := openDiskKeystore(disk.Config{Dir: dir, Logger: log}, o.passphraseFile, "disk")
 		if err != nil {
 			return k, err
 		}
@@ -152,9 +151,6 @@ func (o *keystoreOptions) openSecret(log *slog.Logger) (*disk.Store, error) {
 	if o.dir != "" {
 		return nil, errors.New("--keystore-dir is for --keystore=disk; --keystore=secret keeps its files in --keystore-secret")
 	}
-	if o.passphraseFile == "" {
-		return nil, errors.New("--keystore-passphrase-file is required for the secret keystore")
-	}
 	rc, err := o.kube()
 	if err != nil {
 		return nil, err
@@ -167,12 +163,7 @@ func (o *keystoreOptions) openSecret(log *slog.Logger) (*disk.Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	pass, err := os.ReadFile(o.passphraseFile)
-	if err != nil {
-		return nil, fmt.Errorf("keystore passphrase: %w", err)
-	}
-	defer clear(pass)
-	store, err := disk.New(disk.Config{Files: files, Passphrase: bytes.TrimRight(pass, "\r\n"), Logger: log})
+	store, err := openDiskKeystore(disk.Config{Files: files, Logger: log}, o.passphraseFile, "secret")
 	if err != nil {
 		return nil, err
 	}

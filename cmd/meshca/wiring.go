@@ -478,18 +478,20 @@ func writeBundleOnce(a *ca.Authority, path string) error {
 	return nil
 }
 
-// openDiskKeystore opens the encrypted key directory with a passphrase read
-// from a file (never from a flag: flags show up in process listings).
-func openDiskKeystore(dir, passphraseFile string, log *slog.Logger) (*disk.Store, error) {
+// openDiskKeystore opens the disk keystore's format, in cfg.Dir or
+// cfg.Files, with a passphrase read from a file (never from a flag: flags
+// show up in process listings).
+func openDiskKeystore(cfg disk.Config, passphraseFile, backend string) (*disk.Store, error) {
 	if passphraseFile == "" {
-		return nil, fmt.Errorf("--keystore-passphrase-file is required for the disk keystore")
+		return nil, fmt.Errorf("--keystore-passphrase-file is required for the %s keystore", backend)
 	}
 	pass, err := os.ReadFile(passphraseFile)
 	if err != nil {
 		return nil, fmt.Errorf("keystore passphrase: %w", err)
 	}
 	defer clear(pass)
-	return disk.New(disk.Config{Dir: dir, Passphrase: bytes.TrimRight(pass, "\r\n"), Logger: log})
+	cfg.Passphrase = bytes.TrimRight(pass, "\r\n")
+	return disk.New(cfg)
 }
 
 // checkpointSigner signs the audit ledger's checkpoints with the CA's
