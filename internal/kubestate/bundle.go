@@ -56,7 +56,7 @@ func (b *BundleConfigMap) Publish(ctx context.Context, pem []byte) (bool, error)
 	cur, err := cms.Get(ctx, b.cfg.Name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		_, err = cms.Create(ctx, &corev1.ConfigMap{
-			ObjectMeta: metav1.ObjectMeta{Namespace: b.cfg.Namespace, Name: b.cfg.Name, Labels: bundleLabels()},
+			ObjectMeta: metav1.ObjectMeta{Namespace: b.cfg.Namespace, Name: b.cfg.Name, Labels: labels(componentBundle)},
 			Data:       map[string]string{b.cfg.Key: string(pem)},
 		}, metav1.CreateOptions{})
 		if err != nil {
@@ -75,12 +75,7 @@ func (b *BundleConfigMap) Publish(ctx context.Context, pem []byte) (bool, error)
 		next.Data = map[string]string{}
 	}
 	next.Data[b.cfg.Key] = string(pem)
-	if next.Labels == nil {
-		next.Labels = map[string]string{}
-	}
-	for k, v := range bundleLabels() {
-		next.Labels[k] = v
-	}
+	addLabels(&next.ObjectMeta, componentBundle)
 	// The update carries cur's resourceVersion: a writer in between makes
 	// it fail rather than be overwritten with what it did not see.
 	if _, err := cms.Update(ctx, next, metav1.UpdateOptions{}); err != nil {
@@ -91,11 +86,4 @@ func (b *BundleConfigMap) Publish(ctx context.Context, pem []byte) (bool, error)
 
 func (b *BundleConfigMap) describe() string {
 	return "configmap " + b.cfg.Namespace + "/" + b.cfg.Name
-}
-
-func bundleLabels() map[string]string {
-	return map[string]string{
-		"app.kubernetes.io/name":      "meshca",
-		"app.kubernetes.io/component": "trust-bundle",
-	}
 }

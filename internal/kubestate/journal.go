@@ -6,7 +6,6 @@ import (
 	"io/fs"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -97,17 +96,8 @@ func (j *SecretJournal) Save(ctx context.Context, data []byte, rev string) (stri
 	case rev != "" && cur.ResourceVersion != rev:
 		return "", fmt.Errorf("kubestate: %s: %w: revision %s, expected %s", j.describe(), ca.ErrJournalConflict, cur.ResourceVersion, rev)
 	}
-	next := cur.DeepCopy()
-	if next.Data == nil {
-		next.Data = map[string][]byte{}
-	}
+	next := secretToWrite(cur, j.cfg.Namespace, j.cfg.Name, componentJournal)
 	next.Data[j.cfg.Key] = data
-	if next.Labels == nil {
-		next.Labels = map[string]string{}
-	}
-	for k, v := range labels() {
-		next.Labels[k] = v
-	}
 	updated, err := j.secrets().Update(ctx, next, metav1.UpdateOptions{})
 	if apierrors.IsConflict(err) {
 		return "", fmt.Errorf("kubestate: %s: %w (%w)", j.describe(), ca.ErrJournalConflict, err)
@@ -119,11 +109,8 @@ func (j *SecretJournal) Save(ctx context.Context, data []byte, rev string) (stri
 }
 
 func (j *SecretJournal) create(ctx context.Context, data []byte) (string, error) {
-	s := &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{Namespace: j.cfg.Namespace, Name: j.cfg.Name, Labels: labels()},
-		Type:       corev1.SecretTypeOpaque,
-		Data:       map[string][]byte{j.cfg.Key: data},
-	}
+	s := secretToWrite(nil, j.cfg.Namespace, j.cfg.Name, componentJournal)
+	s.Data[j.cfg.Key] = data
 	created, err := j.secrets().Create(ctx, s, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {
 		return "", fmt.Errorf("kubestate: %s: %w (%w)", j.describe(), ca.ErrJournalConflict, err)
@@ -140,13 +127,4 @@ func (j *SecretJournal) secrets() typedcorev1.SecretInterface {
 
 func (j *SecretJournal) describe() string {
 	return "secret " + j.cfg.Namespace + "/" + j.cfg.Name
-}
-
-// labels mark the Secret as meshca's CA journal, for kubectl and for
-// backups that select by label.
-func labels() map[string]string {
-	return map[string]string{
-		"app.kubernetes.io/name":      "meshca",
-		"app.kubernetes.io/component": "ca-journal",
-	}
 }

@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/meshca/meshca/keystore"
 	"github.com/meshca/meshca/keystore/disk"
@@ -26,14 +27,13 @@ import (
 // DefaultKeysName is the default name of the Secret of SecretFiles.
 const DefaultKeysName = "meshca-ca-keys"
 
-// writeAttempts bounds how often one write is tried when other writers
-// keep changing the Secret in between; each conflict means another write
-// succeeded, so replicas that write a few keys a year never come near it.
-const writeAttempts = 12
-
-// writeBackoff spaces the attempts, jittered so that writers that
-// conflicted do not collide again.
-var writeBackoff = wait.Backoff{Duration: 10 * time.Millisecond, Factor: 2, Jitter: 1, Cap: time.Second}
+// writeRetry paces a write's attempts when other writers keep changing the
+// Secret in between, jittered so that writers that conflicted do not
+// collide again. Each conflict means another write succeeded, so replicas
+// that write a few keys a year never come near its Steps. The sleeps do
+// not watch ctx, but none is much over a second, and the attempt after
+// one fails at once if ctx has ended.
+var writeRetry = wait.Backoff{Steps: 12, Duration: 10 * time.Millisecond, Factor: 1.5, Jitter: 1}
 
 // FilesConfig configures a SecretFiles.
 type FilesConfig struct {
@@ -158,35 +158,23 @@ func (f *SecretFiles) modify(ctx context.Context, verb, name string, change func
 	if err := checkDataKey(name); err != nil {
 		return err
 	}
-	b := writeBackoff
-	b.Steps = writeAttempts
-	var err error
-	for attempt := range writeAttempts {
-		if attempt > 0 {
-			t := time.NewTimer(b.Step())
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return fmt.Errorf("kubestate: %s %s: %w (after %v)", verb, f.Locate(name), ctx.Err(), err)
-			case <-t.C:
-			}
-		}
-		err = f.modifyOnce(ctx, change)
-		var changeErr changeError
-		if errors.As(err, &changeErr) {
-			return fmt.Errorf("kubestate: %s: %w", f.Locate(name), changeErr.err)
-		}
-		if !apierrors.IsConflict(err) && !apierrors.IsAlreadyExists(err) {
-			break
-		}
-	}
+	err := retry.OnError(writeRetry, overtaken, func() error { return f.modifyOnce(ctx, change) })
+	var changeErr changeError
 	switch {
-	case apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err):
-		return fmt.Errorf("kubestate: %s key %s of %s: gave up after %d attempts, each overtaken by another writer: %w", verb, name, f.describe(), writeAttempts, err)
+	case errors.As(err, &changeErr):
+		return fmt.Errorf("kubestate: %s: %w", f.Locate(name), changeErr.err)
+	case overtaken(err):
+		return fmt.Errorf("kubestate: %s key %s of %s: gave up after %d attempts, each overtaken by another writer: %w", verb, name, f.describe(), writeRetry.Steps, err)
 	case err != nil:
 		return f.fail(verb+" key "+name+" of", err)
 	}
 	return nil
+}
+
+// overtaken reports whether a write failed because another writer changed
+// or created the Secret since it was read.
+func overtaken(err error) bool {
+	return apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err)
 }
 
 // changeError carries an error of modify's change function, which ends the
@@ -195,41 +183,27 @@ type changeError struct{ err error }
 
 func (e changeError) Error() string { return e.err.Error() }
 
+// modifyOnce is one read-modify-write. It returns API errors unwrapped, so
+// modify can recognise conflicts.
 func (f *SecretFiles) modifyOnce(ctx context.Context, change func(map[string][]byte) error) error {
 	cur, err := f.get(ctx)
-	if apierrors.IsNotFound(err) {
-		data := map[string][]byte{}
-		if err := change(data); err != nil {
-			return changeError{err}
-		}
-		s := &corev1.Secret{
-			ObjectMeta: metav1.ObjectMeta{Namespace: f.cfg.Namespace, Name: f.cfg.Name, Labels: keysLabels()},
-			Type:       corev1.SecretTypeOpaque,
-			Data:       data,
-		}
-		ctx, cancel := context.WithTimeout(ctx, requestTimeout)
-		defer cancel()
-		_, err := f.secrets().Create(ctx, s, metav1.CreateOptions{})
+	absent := apierrors.IsNotFound(err)
+	if err != nil && !absent {
 		return err
 	}
-	if err != nil {
-		return err
+	if absent {
+		cur = nil
 	}
-	next := cur.DeepCopy()
-	if next.Data == nil {
-		next.Data = map[string][]byte{}
-	}
+	next := secretToWrite(cur, f.cfg.Namespace, f.cfg.Name, componentKeys)
 	if err := change(next.Data); err != nil {
 		return changeError{err}
 	}
-	if next.Labels == nil {
-		next.Labels = map[string]string{}
-	}
-	for k, v := range keysLabels() {
-		next.Labels[k] = v
-	}
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
+	if absent {
+		_, err = f.secrets().Create(ctx, next, metav1.CreateOptions{})
+		return err
+	}
 	// The update carries the resourceVersion read: a write by anyone else
 	// since makes it fail with a conflict instead of undoing theirs.
 	_, err = f.secrets().Update(ctx, next, metav1.UpdateOptions{})
@@ -273,13 +247,4 @@ func (f *SecretFiles) secrets() typedcorev1.SecretInterface {
 
 func (f *SecretFiles) describe() string {
 	return "secret " + f.cfg.Namespace + "/" + f.cfg.Name
-}
-
-// keysLabels mark the Secret as meshca's CA keys, for kubectl and for
-// backups that select by label.
-func keysLabels() map[string]string {
-	return map[string]string{
-		"app.kubernetes.io/name":      "meshca",
-		"app.kubernetes.io/component": "ca-keys",
-	}
 }

@@ -67,8 +67,11 @@ func (d dirFiles) Read(_ context.Context, name string) ([]byte, error) {
 	return os.ReadFile(d.Locate(name))
 }
 
+// Write goes through a temporary file, fsynced and renamed over name, and
+// fsyncs the directory, so a crash at any point leaves the old content or
+// the new, never a mix.
 func (d dirFiles) Write(_ context.Context, name string, data []byte) error {
-	return writeFileAtomic(d.dir, name, data)
+	return atomicfile.Write(d.Locate(name), data, 0o600)
 }
 
 // Create checks, then writes: the directory has one user, so nothing can
@@ -155,10 +158,4 @@ func checkPerm(path string, fi fs.FileInfo) error {
 // never shadow a real file.
 func isTemp(name string) bool {
 	return strings.HasPrefix(name, atomicfile.TempPrefix)
-}
-
-// writeFileAtomic replaces dir/name with data such that a crash at any point
-// leaves either the old content or the new, never a mix.
-func writeFileAtomic(dir, name string, data []byte) error {
-	return atomicfile.Write(filepath.Join(dir, name), data, 0o600)
 }
