@@ -1,14 +1,11 @@
 package deploy_test
 
 import (
-	"bytes"
 	"context"
-	"flag"
 	"fmt"
-	"os"
+	"path"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -21,21 +18,14 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/ptr"
 
 	"github.com/meshca/meshca/deploy"
 	"github.com/meshca/meshca/identity/kube"
+	"github.com/meshca/meshca/internal/golden"
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/testenv"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files in testdata")
-
-// golden names each kustomization's golden file.
-var golden = map[string]string{
-	"base":             "base.yaml",
-	"overlays/vault":   "vault.yaml",
-	"examples/sidecar": "sidecar.yaml",
-}
 
 func render(t *testing.T, dir string) []byte {
 	t.Helper()
@@ -47,48 +37,15 @@ func render(t *testing.T, dir string) []byte {
 }
 
 // TestRenderedManifestsMatchGolden: what `kubectl kustomize` prints for
-// each kustomization is reviewed as a whole in testdata; go test -update
-// rewrites it after an intended change.
+// each kustomization is reviewed as a whole in testdata/<last path
+// element>.yaml; go test ./deploy -update rewrites it after an intended
+// change.
 func TestRenderedManifestsMatchGolden(t *testing.T) {
-	if len(golden) != len(deploy.Kustomizations) {
-		t.Fatalf("golden files for %d kustomizations, %d exist", len(golden), len(deploy.Kustomizations))
-	}
 	for _, dir := range deploy.Kustomizations {
 		t.Run(dir, func(t *testing.T) {
-			got := render(t, dir)
-			path := filepath.Join("testdata", golden[dir])
-			if *update {
-				if err := os.WriteFile(path, got, 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatalf("%v (go test ./deploy -update writes it)", err)
-			}
-			if !bytes.Equal(got, want) {
-				t.Errorf("kustomize %s differs from %s (go test ./deploy -update rewrites it after an intended change):\n%s", dir, path, firstDiff(string(want), string(got)))
-			}
+			golden.Check(t, path.Base(dir)+".yaml", render(t, dir))
 		})
 	}
-}
-
-// firstDiff shows the first differing line with its neighbours.
-func firstDiff(want, got string) string {
-	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
-	for i := 0; i < max(len(w), len(g)); i++ {
-		var wl, gl string
-		if i < len(w) {
-			wl = w[i]
-		}
-		if i < len(g) {
-			gl = g[i]
-		}
-		if wl != gl {
-			return "line " + strconv.Itoa(i+1) + ":\n  want: " + wl + "\n  got:  " + gl
-		}
-	}
-	return "(same lines)"
 }
 
 // typed converts the objects of kind in a rendered stream.
@@ -406,12 +363,12 @@ func TestManifestsServerSideDryRun(t *testing.T) {
 	// The dry-runs can fail: a replica count below zero, and a pod that
 	// may escalate privileges in a restricted namespace, are refused.
 	bad := deployments[0].DeepCopy()
-	bad.Spec.Replicas = ptr(int32(-1))
+	bad.Spec.Replicas = ptr.To(int32(-1))
 	if err := a.Apply(ctx, toUnstructured(t, bad, "apps/v1", "Deployment"), true); err == nil || !strings.Contains(err.Error(), "replicas") {
 		t.Errorf("a Deployment with -1 replicas: %v, want refused naming replicas", err)
 	}
 	err = a.Apply(ctx, podOf(t, deployments[0], func(p *corev1.PodSpec) {
-		p.Containers[0].SecurityContext.AllowPrivilegeEscalation = ptr(true)
+		p.Containers[0].SecurityContext.AllowPrivilegeEscalation = ptr.To(true)
 	}), true)
 	if err == nil || !strings.Contains(err.Error(), "allowPrivilegeEscalation") {
 		t.Errorf("a pod allowing privilege escalation in a restricted namespace: %v, want refused", err)
@@ -442,8 +399,6 @@ func toUnstructured(t *testing.T, obj any, apiVersion, kind string) *unstructure
 	unstructured.RemoveNestedField(u.Object, "metadata", "creationTimestamp")
 	return u
 }
-
-func ptr[T any](v T) *T { return &v }
 
 // TestRBACAllowsWhatMeshcaDoesAndNoMore binds the default install's roles
 // to its service account in a real API server, then asks as that account

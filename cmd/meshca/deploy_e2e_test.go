@@ -57,13 +57,6 @@ func deploymentArgs(t *testing.T, objs []*unstructured.Unstructured, repl map[st
 	return nil
 }
 
-// TestServerRunsAsTheDeploymentSays runs `meshca server` with the default
-// install's args, as the install's service account, under the install's
-// RBAC in a real API server: it passes its start-up permission check,
-// elects itself, keeps its keys and journal in the two Secrets, publishes
-// the trust bundle, issues to a workload that trusts only that published
-// bundle, and serves its admin API to an operator bound to meshca-operator
-// while refusing one who is not.
 // install applies the cluster-scoped and namespace objects of the
 // kustomization dir for real (everything but the Deployment, Service and
 // PDB, which need a kubelet and controllers), then runs `meshca server`
@@ -92,7 +85,8 @@ func install(t *testing.T, env *testenv.Kube, dir string, repl map[string]string
 	kubeconfig := writeFile(t, "kubeconfig", env.KubeconfigFor(t, "meshca-system", "meshca"))
 	srv := startServerProc(t, append(args, "--kubeconfig", kubeconfig)...)
 	testenv.Eventually(t, "/readyz answers 200", func() error {
-		return httpStatus("http://"+srv.monitor+"/readyz", http.StatusOK)
+		_, err := fetch("http://"+srv.monitor+"/readyz", http.StatusOK)
+		return err
 	})
 	if logs := strings.ToLower(srv.logs.String()); strings.Contains(logs, "forbidden") || strings.Contains(logs, "out of reach") {
 		t.Errorf("the server met a permission it lacks:\n%s", srv.logs.String())
@@ -211,21 +205,6 @@ func TestServerRunsAsTheDeploymentSays(t *testing.T) {
 	if !slices.Contains(args, "--remote-secrets=false") {
 		t.Errorf("args %q read remote clusters from Secrets", args)
 	}
-}
-
-// httpStatus fetches url and wants status.
-func httpStatus(url string, want int) error {
-	resp, err := http.Get(url)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != want {
-		b := make([]byte, 512)
-		n, _ := resp.Body.Read(b)
-		return fmt.Errorf("%s: %d %s", url, resp.StatusCode, b[:n])
-	}
-	return nil
 }
 
 // TestServerRunsAsTheVaultOverlaySays runs `meshca server` with the Vault

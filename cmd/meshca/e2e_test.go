@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -291,16 +292,26 @@ func TestVersion(t *testing.T) {
 
 func httpGet(t *testing.T, url string, want int) string {
 	t.Helper()
-	resp, err := http.Get(url)
+	body, err := fetch(url, want)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return body
+}
+
+// fetch GETs url and returns its body, or an error if the status is not
+// want: httpGet for polls that wait for a status.
+func fetch(url string, want int) (string, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return "", err
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != want {
-		t.Fatalf("GET %s = %d, want %d: %s", url, resp.StatusCode, want, b)
+		return "", fmt.Errorf("GET %s = %d, want %d: %s", url, resp.StatusCode, want, b)
 	}
-	return string(b)
+	return string(b), nil
 }
 
 func grepLines(s, substr string) string {

@@ -16,6 +16,7 @@ import (
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/restmapper"
+	"k8s.io/utils/ptr"
 )
 
 // Objects decodes a multi-document YAML stream (what `kubectl kustomize`
@@ -72,7 +73,7 @@ func (a *Applier) Apply(ctx context.Context, obj *unstructured.Unstructured, dry
 	if err != nil {
 		return err
 	}
-	opts := metav1.PatchOptions{FieldManager: "meshca-test", Force: ptr(true)}
+	opts := metav1.PatchOptions{FieldManager: "meshca-test", Force: ptr.To(true)}
 	if dryRun {
 		opts.DryRun = []string{metav1.DryRunAll}
 	}
@@ -94,5 +95,3 @@ func describe(obj *unstructured.Unstructured) string {
 	}
 	return obj.GetName()
 }
-
-func ptr[T any](v T) *T { return &v }

@@ -3,7 +3,6 @@ package envoyconfig_test
 import (
 	"bytes"
 	"errors"
-	"flag"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -23,11 +22,10 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshca/meshca/internal/atomicfile"
+	"github.com/meshca/meshca/internal/golden"
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/policy/envoyconfig"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files in testdata")
 
 const (
 	web    = "web.shop.svc.cluster.local"
@@ -80,12 +78,12 @@ func TestGolden(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			r := render(t, proxy(c.pol))
 			lds, cds := files(t, r)
-			golden(t, c.name+".lds.json", lds)
-			golden(t, c.name+".cds.json", cds)
+			golden.Check(t, c.name+".lds.json", lds)
+			golden.Check(t, c.name+".cds.json", cds)
 		})
 	}
 	t.Run("bootstrap", func(t *testing.T) {
-		golden(t, "bootstrap.json", marshal(t, bootstrap(t, "/etc/meshca/envoy")))
+		golden.Check(t, "bootstrap.json", marshal(t, bootstrap(t, "/etc/meshca/envoy")))
 	})
 }
 
@@ -127,24 +125,6 @@ func marshal(t *testing.T, m proto.Message) []byte {
 		t.Fatal(err)
 	}
 	return data
-}
-
-func golden(t *testing.T, name string, got []byte) {
-	t.Helper()
-	path := filepath.Join("testdata", name)
-	if *update {
-		if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run with -update to create it)", err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Errorf("%s differs from the rendered configuration (run with -update to accept):\n%s", path, got)
-	}
 }
 
 func TestModes(t *testing.T) {

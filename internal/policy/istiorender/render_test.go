@@ -1,10 +1,6 @@
 package istiorender_test
 
 import (
-	"bytes"
-	"flag"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -12,11 +8,10 @@ import (
 	securityv1beta1 "istio.io/api/security/v1beta1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/meshca/meshca/internal/golden"
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/policy/istiorender"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files in testdata")
 
 const (
 	legacy  = "legacy.payments.svc.cluster.local"
@@ -60,20 +55,7 @@ func TestGolden(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			path := filepath.Join("testdata", tt.name+".yaml")
-			if *update {
-				if err := os.WriteFile(path, got, 0o644); err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			want, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatalf("%v (run with -update to create it)", err)
-			}
-			if !bytes.Equal(got, want) {
-				t.Errorf("%s differs from the rendered output (run with -update to accept):\n%s", path, got)
-			}
+			golden.Check(t, tt.name+".yaml", got)
 		})
 	}
 }
