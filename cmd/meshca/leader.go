@@ -8,7 +8,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
-	"k8s.io/client-go/tools/leaderelection"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/internal/kubestate"
@@ -86,25 +85,12 @@ func (o *replicaOptions) build(authn any, namespace, dataDir string, reg prometh
 	return el, journal, nil
 }
 
-// checkLeaseTimings refuses timings the Lease election cannot keep, naming
-// the flags: leader.NewLease would refuse them too, in its own terms.
+// checkLeaseTimings applies leader.CheckTimings to the flags, naming them:
+// unlike a LeaseConfig's zero, a flag set to 0 is refused, not defaulted.
 func (o *replicaOptions) checkLeaseTimings() error {
-	lease, renew, retry := o.leaseDuration, o.renewDeadline, o.retryPeriod
-	switch {
-	case lease <= 0 || renew <= 0 || retry <= 0:
-		return fmt.Errorf("--leader-lease-duration (%v), --leader-renew-deadline (%v) and --leader-retry-period (%v) must all be positive", lease, renew, retry)
-	case lease < time.Second || lease%time.Second != 0:
-		return fmt.Errorf("--leader-lease-duration (%v) must be a whole number of seconds, at least 1s: the Lease records whole seconds", lease)
-	case float64(renew) <= leaderelection.JitterFactor*float64(retry):
-		return fmt.Errorf("--leader-renew-deadline (%v) must be longer than %g × --leader-retry-period (%v), so that a leader gets to retry a failed renewal before it gives up", renew, leaderelection.JitterFactor, retry)
-	}
-	if least := leader.MinLeaseDuration(renew, retry); lease <= least {
-		extra := ""
-		if d := least - renew - retry; d > 0 {
-			extra = fmt.Sprintf(" and %v (renewals under a second apart can look like no change to the others, who compare the Lease in whole seconds)", d)
-		}
-		return fmt.Errorf("--leader-lease-duration (%v) must be longer than %v, --leader-renew-deadline (%v) plus --leader-retry-period (%v)%s: a leader cut off from the API server has to stop leading before another replica may take over",
-			lease, least, renew, retry, extra)
+	if err := leader.CheckTimings(o.leaseDuration, o.renewDeadline, o.retryPeriod); err != nil {
+		return fmt.Errorf("--leader-lease-duration (%v), --leader-renew-deadline (%v), --leader-retry-period (%v): %w",
+			o.leaseDuration, o.renewDeadline, o.retryPeriod, err)
 	}
 	return nil
 }

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -40,11 +39,11 @@ const (
 	replicaLease = 5 * time.Second
 	replicaRenew = 3 * time.Second
 	replicaRetry = 500 * time.Millisecond
-	// replicaSlack covers what the lease protocol does not bound: API
-	// round trips, the start of the new leader's callback, the test's own
-	// polling, all on 2 loaded cores under the race detector. The bound
-	// stays well under the 15s default lease, so lease timings that did
-	// not reach the election still fail it.
+	// replicaSlack covers what the lease protocol does not bound between
+	// the last renewal and the takeover, both read from the Lease's own
+	// records: the survivor's API round trips on 2 loaded cores under the
+	// race detector. The bound stays well under the 15s default lease, so
+	// lease timings that did not reach the election still fail it.
 	replicaSlack = 3 * time.Second
 	// afterTakeover is how many certificates the survivor must issue after
 	// it took over before the issuance loops stop.
@@ -321,19 +320,10 @@ func leaseHolder(ctx context.Context, env *testenv.Kube) (string, *coordinationv
 	return *l.Spec.HolderIdentity, l, nil
 }
 
-// readBundle parses a replica's --bundle-out file.
-func readBundle(path string) ([]*x509.Certificate, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	return ca.ParseCerts(data)
-}
-
 // bundleHolds checks that the --bundle-out file at path holds the roots
 // with fingerprints fps, in that order, and no other.
 func bundleHolds(path string, fps ...string) error {
-	certs, err := readBundle(path)
+	certs, err := caclient.LoadBundle(path)
 	if err != nil {
 		return err
 	}
@@ -364,7 +354,7 @@ func chainsTo(creds *caclient.Credentials, root *x509.Certificate) (*x509.Certif
 // share a CA (roots in a shared disk keystore, the journal in a Secret, an
 // intermediate each) and elect a leader with a Lease on a real API server.
 // The leader is killed with SIGKILL under load: the survivor takes the
-// Lease within the bounds the lease timings set, issues throughout without
+// Lease, not before the lease timings allow, issues throughout without
 // one failure, and, now leading, can take a rotation step it refused as a
 // follower; the killed replica, started again, follows the new leader and
 // the journal it wrote.
@@ -386,7 +376,7 @@ func TestReplicasHandOverLeadership(t *testing.T) {
 	// Timings the election cannot keep stop start-up, naming the flags.
 	bad := append(append([]string{"--data-dir", t.TempDir()}, shared...),
 		"--keystore-dir", filepath.Join(t.TempDir(), "keys"), "--leader-renew-deadline", "4s")
-	if err := serverError(t, bad...); !strings.Contains(err.Error(), "--leader-lease-duration (5s) must be longer than 5.5s, --leader-renew-deadline (4s)") {
+	if err := serverError(t, bad...); !strings.Contains(err.Error(), "--leader-renew-deadline (4s), --leader-retry-period (500ms): leader: lease duration 5s must be longer than 5.5s") {
 		t.Fatalf("lease 5s, renew deadline 4s, retry period 500ms: %v", err)
 	}
 
@@ -440,12 +430,12 @@ func TestReplicasHandOverLeadership(t *testing.T) {
 	t.Logf("replica %s leads as %s; %s follows", lead.name, leaderID, follow.name)
 
 	// Both issue, each through its own intermediate under the one root.
-	roots, err := readBundle(a.bundle)
+	roots, err := caclient.LoadBundle(a.bundle)
 	if err != nil || len(roots) != 1 {
 		t.Fatalf("replica a's trust bundle: %d roots, %v", len(roots), err)
 	}
 	oldRoot := roots[0]
-	if bb, err := readBundle(b.bundle); err != nil || len(bb) != 1 || !bb[0].Equal(oldRoot) {
+	if bb, err := caclient.LoadBundle(b.bundle); err != nil || len(bb) != 1 || !bb[0].Equal(oldRoot) {
 		t.Fatalf("replica b's trust bundle differs from a's: %v", err)
 	}
 	intermediates := map[*serverReplica]*x509.Certificate{}
@@ -503,20 +493,20 @@ func TestReplicasHandOverLeadership(t *testing.T) {
 	// The survivor takes over: the Lease names someone new, which can
 	// only be the survivor, and the survivor says it leads.
 	var survivorID string
-	deadline := killedAt.Add(2 * time.Minute)
-	for {
+	testenv.Eventually(t, "a takeover after the kill", func() error {
 		holder, _, err := leaseHolder(ctx, env)
-		if err == nil && holder != leaderID && holder != "" {
-			if g, err := follow.leading(); err == nil && g == 1 {
-				survivorID = holder
-				break
-			}
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no takeover two minutes after the kill (Lease holder %q, %v)", holder, err)
+		if holder == leaderID || holder == "" {
+			return fmt.Errorf("the Lease names %q", holder)
 		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		if g, err := follow.leading(); err != nil || g != 1 {
+			return fmt.Errorf("the Lease names %q, the survivor's meshca_leader is %v (%v)", holder, g, err)
+		}
+		survivorID = holder
+		return nil
+	})
 	tookOverAt := time.Now()
 	handover := tookOverAt.Sub(killedAt)
 
@@ -560,17 +550,20 @@ func TestReplicasHandOverLeadership(t *testing.T) {
 		t.Error("no request to the killed leader failed: the loop against it did not run on")
 	}
 
-	// The lease protocol's bounds. A killed holder never releases the
-	// Lease, so the survivor waits out a whole lease from the last renewal
-	// it saw (sooner, two replicas could lead at once). It may have seen
-	// that renewal up to a second early: client-go tells Lease records
-	// apart by their times in whole seconds, and renewals here come less
-	// than a second apart (see leader.MinLeaseDuration). So the new term
-	// starts a lease after the second of the last renewal, at the
-	// earliest. At the latest: the survivor sees the renewal within one
-	// of its tries, which client-go spaces by the retry period stretched
-	// by up to JitterFactor, and takes the Lease at its first try after
-	// the lease has run out, so two such tries beyond the lease.
+	// The lease protocol's safety bound. A killed holder never releases
+	// the Lease, so the survivor waits out a whole lease from the last
+	// renewal it saw (sooner, two replicas could lead at once). It may
+	// have seen that renewal up to a second early: client-go tells Lease
+	// records apart by their times in whole seconds, and renewals here
+	// come less than a second apart (see leader.CheckTimings). So the new
+	// term starts a lease after the second of the last renewal, at the
+	// earliest. At the latest, the issue's requirement: the survivor sees
+	// the renewal within one of its tries, which client-go spaces by the
+	// retry period stretched by up to JitterFactor, and takes the Lease at
+	// its first try after the lease has run out, so two such tries beyond
+	// the lease (plus replicaSlack). Both ends are read from the Lease
+	// records, not from the test's polling; the time from the kill to the
+	// test seeing the takeover is only logged.
 	var lastRenew, acquired time.Time
 	seen := leases()
 	for i, rec := range seen {
@@ -600,9 +593,6 @@ func TestReplicasHandOverLeadership(t *testing.T) {
 	t.Logf("the survivor issued %d certificates while no replica led", leaderless)
 	if leaderless == 0 {
 		t.Error("the survivor issued nothing between the kill and its takeover")
-	}
-	if handover > maxGap {
-		t.Errorf("the survivor led %v after the kill; the lease timings bound it by %v", handover, maxGap)
 	}
 
 	// Now leading, the survivor takes the step it refused as a follower.

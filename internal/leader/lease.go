@@ -24,7 +24,36 @@ const (
 	DefaultRetryPeriod   = 2 * time.Second
 )
 
-// MinLeaseDuration is what a lease duration must be longer than, with
+// CheckTimings refuses lease timings the election cannot keep. NewLease
+// applies it; a caller that takes the timings from its user can apply it
+// first, to name its own settings in the error.
+func CheckTimings(leaseDuration, renewDeadline, retryPeriod time.Duration) error {
+	switch {
+	case leaseDuration <= 0 || renewDeadline <= 0 || retryPeriod <= 0:
+		return fmt.Errorf("leader: lease duration %v, renew deadline %v and retry period %v must all be positive", leaseDuration, renewDeadline, retryPeriod)
+	case leaseDuration < time.Second:
+		return fmt.Errorf("leader: lease duration %v is under the Lease's resolution of 1s", leaseDuration)
+	case leaseDuration%time.Second != 0:
+		// The other candidates go by what the Lease keeps: a fraction
+		// would be cut off the lease they wait out, under what the
+		// check below allowed.
+		return fmt.Errorf("leader: lease duration %v is not a whole number of seconds, which the Lease records", leaseDuration)
+	case float64(renewDeadline) <= leaderelection.JitterFactor*float64(retryPeriod):
+		return fmt.Errorf("leader: renew deadline %v must be longer than %g × retry period %v, so that a leader gets to retry a failed renewal before it gives up",
+			renewDeadline, leaderelection.JitterFactor, retryPeriod)
+	}
+	if least := minLeaseDuration(renewDeadline, retryPeriod); leaseDuration <= least {
+		extra := ""
+		if d := least - renewDeadline - retryPeriod; d > 0 {
+			extra = fmt.Sprintf(" and %v (renewals under a second apart can look like no change to the others, who compare the Lease in whole seconds)", d)
+		}
+		return fmt.Errorf("leader: lease duration %v must be longer than %v, renew deadline %v plus retry period %v%s: a leader cut off from the API server has to stop leading before another replica may take over",
+			leaseDuration, least, renewDeadline, retryPeriod, extra)
+	}
+	return nil
+}
+
+// minLeaseDuration is what a lease duration must be longer than, with
 // renewDeadline and retryPeriod, for a leader to stop leading before
 // another may start.
 //
@@ -35,7 +64,7 @@ const (
 // by their times in whole seconds, so a renewal less than a second after
 // the one before looks like no change. Retry periods under a second
 // therefore cost a second of the lease.
-func MinLeaseDuration(renewDeadline, retryPeriod time.Duration) time.Duration {
+func minLeaseDuration(renewDeadline, retryPeriod time.Duration) time.Duration {
 	least := renewDeadline + retryPeriod
 	if retryPeriod < time.Second {
 		least += time.Second
@@ -58,8 +87,8 @@ type LeaseConfig struct {
 	Identity string
 	// LeaseDuration, RenewDeadline and RetryPeriod default to
 	// DefaultLeaseDuration, DefaultRenewDeadline and DefaultRetryPeriod.
-	// The Lease stores whole seconds, so LeaseDuration is a whole number
-	// of seconds, at least 1s, and longer than MinLeaseDuration.
+	// They must pass CheckTimings: the Lease stores whole seconds, and a
+	// leader must give up before the others may take over.
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 	Logger                                    *slog.Logger
 	// Metrics registers meshca_leader and meshca_leader_transitions_total
@@ -96,18 +125,8 @@ func NewLease(cfg LeaseConfig) (*Lease, error) {
 	if cfg.RetryPeriod == 0 {
 		cfg.RetryPeriod = DefaultRetryPeriod
 	}
-	if cfg.LeaseDuration < time.Second {
-		return nil, fmt.Errorf("leader: lease duration %v is under the Lease's resolution of 1s", cfg.LeaseDuration)
-	}
-	// The Lease keeps whole seconds and the other candidates go by what it
-	// keeps: a fraction would be cut off the lease they wait out, under
-	// what the check below allowed.
-	if cfg.LeaseDuration%time.Second != 0 {
-		return nil, fmt.Errorf("leader: lease duration %v is not a whole number of seconds, which the Lease records", cfg.LeaseDuration)
-	}
-	if least := MinLeaseDuration(cfg.RenewDeadline, cfg.RetryPeriod); cfg.LeaseDuration <= least {
-		return nil, fmt.Errorf("leader: lease duration %v is not longer than %v, what renew deadline %v and retry period %v need: a leader cut off from the API server could still lead when another takes over",
-			cfg.LeaseDuration, least, cfg.RenewDeadline, cfg.RetryPeriod)
+	if err := CheckTimings(cfg.LeaseDuration, cfg.RenewDeadline, cfg.RetryPeriod); err != nil {
+		return nil, err
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

@@ -195,6 +195,7 @@ func TestNewLeaseRejectsBadConfig(t *testing.T) {
 		// others that saw it up to a second early take over after 3s.
 		"lease within deadline, retry and a second": {Client: client, Namespace: "ns", Name: "n", LeaseDuration: 4 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: 500 * time.Millisecond},
 		"lease within deadline and retry":           {Client: client, Namespace: "ns", Name: "n", LeaseDuration: 12 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second},
+		"negative retry period":                     {Client: client, Namespace: "ns", Name: "n", RetryPeriod: -time.Second},
 	} {
 		if _, err := leader.NewLease(cfg); err == nil || !strings.HasPrefix(err.Error(), "leader: ") {
 			t.Errorf("%s: NewLease = %v, want a leader: error", name, err)
@@ -206,6 +207,35 @@ func TestNewLeaseRejectsBadConfig(t *testing.T) {
 	if _, err := leader.NewLease(leader.LeaseConfig{Client: client, Namespace: "ns", Name: "n",
 		LeaseDuration: 5 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: 500 * time.Millisecond}); err != nil {
 		t.Errorf("lease 5s, renew deadline 3s, retry 500ms: %v", err)
+	}
+}
+
+// TestCheckTimings: each timing the election cannot keep is refused with
+// the rule it breaks; sound combinations pass.
+func TestCheckTimings(t *testing.T) {
+	const s, ms = time.Second, time.Millisecond
+	for _, tc := range []struct {
+		lease, renew, retry time.Duration
+		want                string // "" for accepted
+	}{
+		{leader.DefaultLeaseDuration, leader.DefaultRenewDeadline, leader.DefaultRetryPeriod, ""},
+		{5 * s, 3 * s, 500 * ms, ""},
+		{4 * s, 3 * s, 500 * ms, "leader: lease duration 4s must be longer than 4.5s, renew deadline 3s plus retry period 500ms and 1s"},
+		{12 * s, 10 * s, 2 * s, "leader: lease duration 12s must be longer than 12s, renew deadline 10s plus retry period 2s:"},
+		{3 * s, 3 * s, 2 * s, "leader: lease duration 3s must be longer than 5s"},
+		{15 * s, 2 * s, 2 * s, "leader: renew deadline 2s must be longer than 1.2 × retry period 2s"},
+		{4500 * ms, 3 * s, 500 * ms, "leader: lease duration 4.5s is not a whole number of seconds"},
+		{500 * ms, 200 * ms, 100 * ms, "leader: lease duration 500ms is under the Lease's resolution of 1s"},
+		{15 * s, 10 * s, 0, "must all be positive"},
+		{15 * s, -s, 2 * s, "must all be positive"},
+	} {
+		err := leader.CheckTimings(tc.lease, tc.renew, tc.retry)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%v/%v/%v: %v", tc.lease, tc.renew, tc.retry, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%v/%v/%v: %v, want %q", tc.lease, tc.renew, tc.retry, err, tc.want)
+		}
 	}
 }
 
