@@ -63,9 +63,6 @@ type entry struct {
 	updatedAt time.Time
 	streams   []sds.StreamStatus
 	holdings  []rotation.Holding
-	// content is the wire form without its time: equal contents mean the
-	// gate's inputs did not change.
-	content wire
 }
 
 // newWire reduces this replica's streams and live certificates to what the
@@ -239,7 +236,5 @@ func decode(data []byte) (*entry, error) {
 		}
 		e.holdings = append(e.holdings, rotation.Holding{SPIFFEID: w.IDs[h.ID], RootFingerprint: fp, NotAfter: time.Unix(h.NotAfter, 0).UTC()})
 	}
-	w.UpdatedAt = time.Time{}
-	e.content = w
 	return e, nil
 }

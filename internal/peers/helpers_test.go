@@ -21,6 +21,7 @@ import (
 
 	"github.com/meshca/meshca/internal/peers"
 	"github.com/meshca/meshca/internal/rotation"
+	"github.com/meshca/meshca/internal/rotation/rotationtest"
 	"github.com/meshca/meshca/internal/testenv"
 	"github.com/meshca/meshca/sds"
 )
@@ -62,62 +63,6 @@ func casClient() *fake.Clientset {
 	return c
 }
 
-// proxies is a settable stand-in for the SDS server's accounting.
-type proxies struct {
-	mu      sync.Mutex
-	streams []sds.StreamStatus
-	changed chan struct{}
-}
-
-func (p *proxies) Status() []sds.StreamStatus {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return append([]sds.StreamStatus(nil), p.streams...)
-}
-
-func (p *proxies) AckChanged() <-chan struct{} {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.changed == nil {
-		p.changed = make(chan struct{})
-	}
-	return p.changed
-}
-
-func (p *proxies) set(streams ...sds.StreamStatus) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.streams = streams
-	if p.changed != nil {
-		close(p.changed)
-		p.changed = nil
-	}
-}
-
-// ledger holds certificates with their validity.
-type ledger struct {
-	mu    sync.Mutex
-	certs []rotation.Holding
-}
-
-func (l *ledger) Valid(_ context.Context, at time.Time) ([]rotation.Holding, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []rotation.Holding
-	for _, h := range l.certs {
-		if at.Before(h.NotAfter) {
-			out = append(out, h)
-		}
-	}
-	return out, nil
-}
-
-func (l *ledger) add(h rotation.Holding) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.certs = append(l.certs, h)
-}
-
 func id(sa string) spiffeid.ID {
 	return spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/" + sa)
 }
@@ -138,15 +83,15 @@ type replica struct {
 	name    string
 	pub     *peers.Publisher
 	view    *peers.View
-	proxies *proxies
-	ledger  *ledger
+	proxies *rotationtest.Proxies
+	ledger  *rotationtest.Ledger
 	reg     *prometheus.Registry
 	stop    func()
 }
 
 func newReplica(t *testing.T, client kubernetes.Interface, clock clockwork.Clock, name string, mutate func(*peers.Config)) *replica {
 	t.Helper()
-	r := &replica{name: name, proxies: &proxies{}, ledger: &ledger{}, reg: prometheus.NewRegistry()}
+	r := &replica{name: name, proxies: &rotationtest.Proxies{}, ledger: &rotationtest.Ledger{}, reg: prometheus.NewRegistry()}
 	cfg := peers.Config{Client: client, Namespace: ns, Identity: name, Proxies: r.proxies, Ledger: r.ledger,
 		Clock: clock, Metrics: r.reg}
 	if mutate != nil {

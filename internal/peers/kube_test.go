@@ -60,10 +60,10 @@ func TestReplicasConvergeAgainstAPIServer(t *testing.T) {
 	a := newReplica(t, client(), clock, "meshca-0_0a0a0a0a", fast)
 	b := newReplica(t, client(), clock, "meshca-1_0b0b0b0b", fast)
 	now := time.Now()
-	a.proxies.set(stream("web", rootA, rootB))
-	a.ledger.add(holding("web", rootA, now.Add(time.Hour)))
-	b.proxies.set(stream("db", rootA))
-	b.ledger.add(holding("db", rootA, now.Add(time.Hour)))
+	a.proxies.Set(stream("web", rootA, rootB))
+	a.ledger.Add(holding("web", rootA, now.Add(time.Hour)))
+	b.proxies.Set(stream("db", rootA))
+	b.ledger.Add(holding("db", rootA, now.Add(time.Hour)))
 	a.run(t)
 	b.run(t)
 
@@ -94,7 +94,7 @@ func TestReplicasConvergeAgainstAPIServer(t *testing.T) {
 	}
 
 	// b's proxy ACKs the new root: a sees it.
-	b.proxies.set(stream("db", rootA, rootB))
+	b.proxies.Set(stream("db", rootA, rootB))
 	testenv.Eventually(t, "a sees b's ACK", func() error {
 		for _, s := range a.view.Status() {
 			if s.Peer.ID == id("db") && slices.Equal(s.AckedRoots, []string{rootA, rootB}) {

@@ -9,7 +9,6 @@ import (
 	"maps"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -24,7 +23,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/meshca/meshca/internal/peers"
-	"github.com/meshca/meshca/internal/rotation"
+	"github.com/meshca/meshca/internal/rotation/rotationtest"
 	"github.com/meshca/meshca/internal/testenv"
 	"github.com/meshca/meshca/sds"
 )
@@ -39,15 +38,15 @@ func TestViewMergesReplicas(t *testing.T) {
 	client := casClient()
 	a := newReplica(t, client, clock, "meshca-a", nil)
 	b := newReplica(t, client, clock, "meshca-b", nil)
-	a.proxies.set(stream("web", rootA, rootB))
-	a.ledger.add(holding("web", rootA, start.Add(time.Hour)))
+	a.proxies.Set(stream("web", rootA, rootB))
+	a.ledger.Add(holding("web", rootA, start.Add(time.Hour)))
 	nack := stream("db", rootA)
 	nack.RejectedRoots, nack.LastNACK = []string{rootA, rootB}, "bad bundle"
 	cache := stream("cache", rootA)
 	cache.Subscribed = []string{sds.CertName} // not watching ROOTCA: not the gate's business
-	b.proxies.set(nack, cache)
-	b.ledger.add(holding("db", rootA, start.Add(10*time.Minute)))
-	b.ledger.add(holding("gone", rootA, start.Add(time.Hour)))
+	b.proxies.Set(nack, cache)
+	b.ledger.Add(holding("db", rootA, start.Add(10*time.Minute)))
+	b.ledger.Add(holding("gone", rootA, start.Add(time.Hour)))
 
 	b.run(t)
 	a.run(t) // its first read sees b's entry
@@ -255,7 +254,7 @@ func TestAckChangedFiresOnPeerChange(t *testing.T) {
 	client := casClient()
 	a := newReplica(t, client, clock, "meshca-a", nil)
 	b := newReplica(t, client, clock, "meshca-b", nil)
-	b.proxies.set(stream("db", rootA))
+	b.proxies.Set(stream("db", rootA))
 	b.run(t)
 	a.run(t)
 
@@ -268,7 +267,7 @@ func TestAckChangedFiresOnPeerChange(t *testing.T) {
 
 	// b's proxy ACKs the new root: b writes a Debounce later.
 	before := b.turns(t)
-	b.proxies.set(stream("db", rootA, rootB))
+	b.proxies.Set(stream("db", rootA, rootB))
 	if err := clock.BlockUntilContext(t.Context(), 3); err != nil { // two tickers and b's debounce
 		t.Fatal(err)
 	}
@@ -294,7 +293,7 @@ func TestLocalAckChangeFiresAtOnce(t *testing.T) {
 	a := newReplica(t, casClient(), clock, "meshca-a", nil)
 	a.run(t)
 	changed := a.view.AckChanged()
-	a.proxies.set(stream("web", rootA))
+	a.proxies.Set(stream("web", rootA))
 	select {
 	case <-changed:
 	case <-time.After(time.Minute):
@@ -319,7 +318,7 @@ func TestEntryOverTheLimitIsRefused(t *testing.T) {
 	for i := range 50 {
 		streams = append(streams, stream(fmt.Sprintf("sa-%d", i), rootA))
 	}
-	a.proxies.set(streams...)
+	a.proxies.Set(streams...)
 	a.run(t)
 	if got := testenv.GatheredValue(t, a.reg, "meshca_peers_writes_total", map[string]string{"result": "failed"}); got != 1 {
 		t.Fatalf("failed writes = %v, want 1", got)
@@ -364,11 +363,10 @@ func TestUnknownFormatClosesTheGates(t *testing.T) {
 func TestLedgerFailureStopsPublishing(t *testing.T) {
 	clock := clockwork.NewFakeClockAt(start)
 	client := casClient()
-	r := &failingLedger{}
-	a := newReplica(t, client, clock, "meshca-a", func(c *peers.Config) { c.Ledger = r })
+	a := newReplica(t, client, clock, "meshca-a", nil)
 	a.run(t)
 	first := getConfigMap(t, client).BinaryData["meshca-a"]
-	r.fail(errors.New("audit: disk on fire"))
+	a.ledger.Fail(errors.New("audit: disk on fire"))
 	tick(t, clock, peers.DefaultInterval, a)
 	if got := getConfigMap(t, client).BinaryData["meshca-a"]; !bytes.Equal(got, first) {
 		t.Error("a rewrote its entry without its ledger")
@@ -378,26 +376,9 @@ func TestLedgerFailureStopsPublishing(t *testing.T) {
 	}
 }
 
-type failingLedger struct {
-	mu  sync.Mutex
-	err error
-}
-
-func (l *failingLedger) fail(err error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.err = err
-}
-
-func (l *failingLedger) Valid(context.Context, time.Time) ([]rotation.Holding, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return nil, l.err
-}
-
 func TestNewValidates(t *testing.T) {
 	base := func() peers.Config {
-		return peers.Config{Client: casClient(), Namespace: ns, Identity: "meshca-0_ab12", Proxies: &proxies{}, Ledger: &ledger{}}
+		return peers.Config{Client: casClient(), Namespace: ns, Identity: "meshca-0_ab12", Proxies: &rotationtest.Proxies{}, Ledger: &rotationtest.Ledger{}}
 	}
 	for name, tc := range map[string]struct {
 		mutate func(*peers.Config)
@@ -431,9 +412,9 @@ func TestEntryKeepsWhatTheGateNeeds(t *testing.T) {
 	b := newReplica(t, client, clock, "meshca-b", nil)
 	nack := stream("db", rootA)
 	nack.RejectedRoots, nack.LastNACK = []string{rootB}, strings.Repeat("€", 1000)
-	b.proxies.set(nack)
+	b.proxies.Set(nack)
 	expiry := start.Add(time.Hour + 500*time.Millisecond)
-	b.ledger.add(holding("db", rootA, expiry))
+	b.ledger.Add(holding("db", rootA, expiry))
 	b.run(t)
 	a.run(t)
 

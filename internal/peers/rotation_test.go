@@ -80,8 +80,8 @@ func TestRotationGateSeesEveryReplica(t *testing.T) {
 	}
 	r, _ := auth.Rotation()
 	a, b := ca.Fingerprint(r.Current), ca.Fingerprint(r.Next)
-	leader.proxies.set(stream("web", a, b))
-	follower.proxies.set(stream("db", a))
+	leader.proxies.Set(stream("web", a, b))
+	follower.proxies.Set(stream("db", a))
 	converge(t, clock, "the leader sees the follower's proxy", func() error {
 		if n := status(rot).Proxies; n != 2 {
 			return fmt.Errorf("%d proxies", n)
@@ -106,7 +106,7 @@ func TestRotationGateSeesEveryReplica(t *testing.T) {
 		t.Errorf("missing = %+v, want the follower's db proxy, pending", st.Missing)
 	}
 
-	follower.proxies.set(stream("db", a, b))
+	follower.proxies.Set(stream("db", a, b))
 	converge(t, clock, "the leader sees the follower's proxy ACK", func() error {
 		if st := status(rot); len(st.Blockers) > 0 {
 			return fmt.Errorf("blocked: %v", st.Blockers)
@@ -120,7 +120,7 @@ func TestRotationGateSeesEveryReplica(t *testing.T) {
 	// A certificate under the old root that only the follower's ledger
 	// knows.
 	expiry := clock.Now().Add(time.Hour)
-	follower.ledger.add(holding("db", a, expiry))
+	follower.ledger.Add(holding("db", a, expiry))
 	converge(t, clock, "the leader sees the follower's certificate", func() error {
 		if st := status(rot); len(st.Blockers) == 0 {
 			return errors.New("retire is not blocked")

@@ -205,7 +205,7 @@ func samePeer(a, b *peer) bool {
 	if a.e == nil || b.e == nil {
 		return a.e == nil && b.e == nil
 	}
-	return a.fresh == b.fresh && reflect.DeepEqual(a.e.content, b.e.content)
+	return a.fresh == b.fresh && reflect.DeepEqual(a.e.streams, b.e.streams) && reflect.DeepEqual(a.e.holdings, b.e.holdings)
 }
 
 // removable lists the entries of other replicas that are stale and hold no

@@ -15,80 +15,25 @@ import (
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
 	"github.com/meshca/meshca/internal/rotation"
+	"github.com/meshca/meshca/internal/rotation/rotationtest"
 	"github.com/meshca/meshca/internal/testenv"
 	"github.com/meshca/meshca/sds"
 )
 
 var start = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 
-// proxies is a settable stand-in for the SDS server's accounting.
-type proxies struct {
-	mu      sync.Mutex
-	streams []sds.StreamStatus
-	changed chan struct{}
-}
-
-func (p *proxies) Status() []sds.StreamStatus {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return append([]sds.StreamStatus(nil), p.streams...)
-}
-
-func (p *proxies) AckChanged() <-chan struct{} {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.changed == nil {
-		p.changed = make(chan struct{})
-	}
-	return p.changed
-}
-
-func (p *proxies) set(streams ...sds.StreamStatus) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.streams = streams
-	if p.changed != nil {
-		close(p.changed)
-		p.changed = nil
-	}
-}
-
-// ledger holds certificates with their validity.
-type ledger struct {
-	mu    sync.Mutex
-	certs []rotation.Holding
-}
-
-func (l *ledger) Valid(_ context.Context, at time.Time) ([]rotation.Holding, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []rotation.Holding
-	for _, h := range l.certs {
-		if at.Before(h.NotAfter) {
-			out = append(out, h)
-		}
-	}
-	return out, nil
-}
-
-func (l *ledger) add(id, rootFP string, notAfter time.Time) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.certs = append(l.certs, rotation.Holding{SPIFFEID: id, RootFingerprint: rootFP, NotAfter: notAfter})
-}
-
 type env struct {
 	clock   *clockwork.FakeClock
 	auth    *ca.Authority
-	proxies *proxies
-	ledger  *ledger
+	proxies *rotationtest.Proxies
+	ledger  *rotationtest.Ledger
 	rot     *rotation.Rotator
 	reg     *prometheus.Registry
 }
 
 func newEnv(t *testing.T, mutate func(*rotation.Config)) *env {
 	t.Helper()
-	e := &env{clock: clockwork.NewFakeClockAt(start), proxies: &proxies{}, ledger: &ledger{}, reg: prometheus.NewRegistry()}
+	e := &env{clock: clockwork.NewFakeClockAt(start), proxies: &rotationtest.Proxies{}, ledger: &rotationtest.Ledger{}, reg: prometheus.NewRegistry()}
 	e.auth = catest.NewAuthority(t, e.clock)
 	cfg := rotation.Config{CA: e.auth, Proxies: e.proxies, Ledger: e.ledger, Clock: e.clock, Metrics: e.reg}
 	if mutate != nil {
@@ -109,6 +54,10 @@ func id(sa string) spiffeid.ID {
 func stream(sa string, acked ...string) sds.StreamStatus {
 	return sds.StreamStatus{Peer: sds.Peer{ID: id(sa), Node: sa + "-node"}, Subscribed: []string{sds.RootsName},
 		AckedRoots: acked}
+}
+
+func holding(sa, rootFP string, notAfter time.Time) rotation.Holding {
+	return rotation.Holding{SPIFFEID: id(sa).String(), RootFingerprint: rootFP, NotAfter: notAfter}
 }
 
 func (e *env) step(t *testing.T, step ca.Step, opts rotation.Options) rotation.Status {
@@ -139,7 +88,7 @@ func TestActivateWaitsForEveryProxy(t *testing.T) {
 	e.step(t, ca.StepPrepare, rotation.Options{})
 	_, b := e.fingerprints(t)
 
-	e.proxies.set(stream("web", a, b), stream("db", a))
+	e.proxies.Set(stream("web", a, b), stream("db", a))
 	_, err := e.rot.Step(context.Background(), ca.StepActivate, rotation.Options{})
 	if !errors.Is(err, rotation.ErrBlocked) {
 		t.Fatalf("activate with one proxy behind: %v, want ErrBlocked", err)
@@ -166,7 +115,7 @@ func TestActivateWaitsForEveryProxy(t *testing.T) {
 		t.Fatalf("a refused activate changed the phase to %s", r.Phase)
 	}
 
-	e.proxies.set(stream("web", a, b), stream("db", a, b))
+	e.proxies.Set(stream("web", a, b), stream("db", a, b))
 	st = e.step(t, ca.StepActivate, rotation.Options{})
 	if st.Phase != ca.PhaseActivated || st.Roots[0].Fingerprint != b || st.Roots[1].Slot != rotation.SlotRetiring {
 		t.Errorf("after activate: %+v", st)
@@ -181,10 +130,10 @@ func TestActivateCountsNACKsAndDisconnectedHolders(t *testing.T) {
 
 	nack := stream("web", a)
 	nack.RejectedRoots, nack.LastNACK = []string{a, b}, "bad bundle"
-	e.proxies.set(nack, stream("db", a, b))
+	e.proxies.Set(nack, stream("db", a, b))
 	// "cache" holds a live certificate and has no stream; "db" has both.
-	e.ledger.add(id("cache").String(), a, start.Add(time.Hour))
-	e.ledger.add(id("db").String(), a, start.Add(time.Hour))
+	e.ledger.Add(holding("cache", a, start.Add(time.Hour)))
+	e.ledger.Add(holding("db", a, start.Add(time.Hour)))
 
 	st, err := e.rot.Step(context.Background(), ca.StepActivate, rotation.Options{})
 	if !errors.Is(err, rotation.ErrBlocked) {
@@ -212,7 +161,7 @@ func TestActivateCountsNACKsAndDisconnectedHolders(t *testing.T) {
 	if _, err := e.rot.Step(context.Background(), ca.StepActivate, rotation.Options{MinAcked: 0.5}); !errors.Is(err, rotation.ErrBlocked) {
 		t.Fatalf("activate at 50%% with 1 of 3: %v, want ErrBlocked", err)
 	}
-	e.proxies.set(stream("web", a, b), stream("db", a, b))
+	e.proxies.Set(stream("web", a, b), stream("db", a, b))
 	st = e.step(t, ca.StepActivate, rotation.Options{MinAcked: 0.5})
 	if st.Phase != ca.PhaseActivated {
 		t.Errorf("activate at 50%% with 2 of 3: phase %s", st.Phase)
@@ -226,7 +175,7 @@ func TestForceActivateWarns(t *testing.T) {
 	e := newEnv(t, nil)
 	a, _ := e.fingerprints(t)
 	e.step(t, ca.StepPrepare, rotation.Options{})
-	e.proxies.set(stream("web", a))
+	e.proxies.Set(stream("web", a))
 	st := e.step(t, ca.StepActivate, rotation.Options{Force: true})
 	if st.Phase != ca.PhaseActivated {
 		t.Fatalf("forced activate: phase %s", st.Phase)
@@ -247,9 +196,9 @@ func TestNoProxiesNoWait(t *testing.T) {
 func TestRetireWaitsForLiveLeaves(t *testing.T) {
 	e := newEnv(t, nil)
 	a, _ := e.fingerprints(t)
-	e.ledger.add(id("web").String(), a, start.Add(30*time.Minute))
-	e.ledger.add(id("db").String(), a, start.Add(45*time.Minute))
-	e.proxies.set() // nobody connected: the holders count as disconnected
+	e.ledger.Add(holding("web", a, start.Add(30*time.Minute)))
+	e.ledger.Add(holding("db", a, start.Add(45*time.Minute)))
+	e.proxies.Set() // nobody connected: the holders count as disconnected
 	e.step(t, ca.StepPrepare, rotation.Options{Force: true})
 	e.step(t, ca.StepActivate, rotation.Options{Force: true})
 	_, err := e.rot.Step(context.Background(), ca.StepRetire, rotation.Options{})
@@ -299,7 +248,7 @@ func TestScheduleRunsTheRotation(t *testing.T) {
 	r, _ := e.auth.Rotation()
 	a := ca.Fingerprint(r.Current)
 	life := r.Current.NotAfter.Sub(r.Current.NotBefore)
-	e.proxies.set(stream("web", a))
+	e.proxies.Set(stream("web", a))
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -338,7 +287,7 @@ func TestScheduleRunsTheRotation(t *testing.T) {
 		t.Fatalf("activated without the proxy's ACK: phase %s", p)
 	}
 	_, b := e.fingerprints(t)
-	e.proxies.set(stream("web", a, b))
+	e.proxies.Set(stream("web", a, b))
 	advanceUntil(ca.PhaseIdle, time.Second)
 	r2, _ := e.auth.Rotation()
 	if ca.Fingerprint(r2.Current) != b {
