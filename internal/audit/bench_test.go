@@ -130,3 +130,58 @@ func BenchmarkQuery100k(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkValidAtRecent is the query the rotation gates and the replicas'
+// shared view make every few seconds: what is valid now, in a ledger whose
+// older segments hold only expired certificates (here 20,000 issuances a
+// minute apart, each valid an hour, in 256 KiB segments). "now" reads the
+// segments that may hold a live certificate; "oldest" must read them all.
+func BenchmarkValidAtRecent(b *testing.B) {
+	dir := b.TempDir()
+	l := start(b, audit.Config{Dir: dir, SegmentBytes: 256 << 10, CheckpointEvery: -1, CheckpointInterval: -1})
+	const n = 20000
+	recs := make(chan audit.Record)
+	errs := make(chan error, 64)
+	for range 64 {
+		go func() {
+			for r := range recs {
+				if _, err := l.Append(context.Background(), r); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for i := range n {
+		r := gen(i / 7 * 10) // an issuance
+		r.Serial = fmt.Sprintf("%x", i+1)
+		r.NotBefore = fixtureStart.Add(time.Duration(i) * time.Minute)
+		r.NotAfter = r.NotBefore.Add(time.Hour)
+		recs <- r
+	}
+	close(recs)
+	for range 64 {
+		if err := <-errs; err != nil {
+			b.Fatal(err)
+		}
+	}
+	for name, at := range map[string]time.Time{
+		"now":    fixtureStart.Add((n - 1) * time.Minute),
+		"oldest": fixtureStart.Add(30 * time.Minute),
+	} {
+		b.Run(name, func(b *testing.B) {
+			var got int
+			for b.Loop() {
+				got = 0
+				for _, err := range l.Query(context.Background(), audit.Filter{ValidAt: at}) {
+					if err != nil {
+						b.Fatal(err)
+					}
+					got++
+				}
+			}
+			b.ReportMetric(float64(got), "records")
+		})
+	}
+}

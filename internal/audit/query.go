@@ -217,13 +217,15 @@ func (l *Ledger) each(ctx context.Context, f Filter, fn func(r *Record, line []b
 }
 
 // scan calls fn with every complete line of the view that f's prefilter
-// lets through, skipping segments outside f's time range unread, until fn
-// returns false or an error.
+// lets through, until fn returns false or an error. Segments outside f's
+// time range, or holding no certificate valid at f.ValidAt, are skipped
+// unread.
 func (l *Ledger) scan(ctx context.Context, v view, f Filter, fn func(s segment, lineNo int, line []byte) (bool, error)) error {
 	pf := newPrefilter(f)
 	for _, s := range v.segs {
 		if !f.Since.IsZero() && !s.maxTime.IsZero() && s.maxTime.Before(f.Since) ||
-			!f.Until.IsZero() && !s.minTime.IsZero() && !s.minTime.Before(f.Until) {
+			!f.Until.IsZero() && !s.minTime.IsZero() && !s.minTime.Before(f.Until) ||
+			!f.ValidAt.IsZero() && !s.mayHoldValid(f.ValidAt) {
 			continue
 		}
 		more, err := l.scanSegment(ctx, s, pf, fn)

@@ -311,3 +311,49 @@ func TestOpenReadOnly(t *testing.T) {
 		t.Error("OpenReadOnly of a missing directory succeeded")
 	}
 }
+
+// TestValidAtOverManySegments: certificates issued a minute apart, each
+// valid 20 minutes, over segments of a few records each, so that a ValidAt
+// query can skip most segments unread. Whatever it skips, it finds exactly
+// the certificates valid at that time, from the writer's index and from
+// one rebuilt from the files.
+func TestValidAtOverManySegments(t *testing.T) {
+	dir := t.TempDir()
+	l := start(t, audit.Config{Dir: dir, SegmentBytes: 2 << 10, CheckpointEvery: -1, CheckpointInterval: -1})
+	const n = 300
+	var recs []audit.Record
+	for i := 0; len(recs) < n; i++ {
+		r := gen(i)
+		if r.Kind != audit.KindIssued {
+			continue
+		}
+		r.NotBefore = fixtureStart.Add(time.Duration(len(recs)) * time.Minute)
+		r.NotAfter = r.NotBefore.Add(20 * time.Minute)
+		if _, err := l.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+		recs = append(recs, r)
+	}
+	reopened, err := audit.OpenReadOnly(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, at := range []time.Duration{-time.Minute, 0, 10 * time.Minute, 150*time.Minute + 30*time.Second, 299 * time.Minute, 318 * time.Minute, 319 * time.Minute, 10 * time.Hour} {
+		validAt := fixtureStart.Add(at)
+		var want []string
+		for _, r := range recs {
+			if !validAt.Before(r.NotBefore) && validAt.Before(r.NotAfter) {
+				want = append(want, r.Serial)
+			}
+		}
+		for name, led := range map[string]*audit.Ledger{"writer": l, "reopened": reopened} {
+			var got []string
+			for _, r := range all(t, led, audit.Filter{ValidAt: validAt}) {
+				got = append(got, r.Serial)
+			}
+			if !slices.Equal(got, want) {
+				t.Errorf("%s, valid at +%v: %d certificates %v, want %d %v", name, at, len(got), got, len(want), want)
+			}
+		}
+	}
+}

@@ -46,7 +46,20 @@ type segment struct {
 	size     int64 // bytes readers may read
 	lastKind Kind
 	lastOff  int64 // offset of the last line
+	// maxNotAfter is the latest NotAfter of the segment's issuances (zero
+	// if none): a ValidAt query at or past it skips the segment unread.
+	maxNotAfter time.Time
 }
+
+// noteIssued records the NotAfter of one issuance in the segment.
+func (s *segment) noteIssued(notAfter time.Time) {
+	if notAfter.After(s.maxNotAfter) {
+		s.maxNotAfter = notAfter
+	}
+}
+
+// mayHoldValid reports whether an issuance in s may be valid at at.
+func (s *segment) mayHoldValid(at time.Time) bool { return at.Before(s.maxNotAfter) }
 
 func (s *segment) name() string { return segName(s.first) }
 
@@ -208,6 +221,23 @@ func rawString(line, field []byte) (val []byte, ok bool) {
 }
 
 // rawTime is rawString for a time field; a missing field is the zero time.
+// issuedNotAfter is the NotAfter of an issuance's line. A line whose
+// NotAfter cannot be read counts as valid forever, so that no ValidAt
+// query ever skips its segment.
+func issuedNotAfter(line []byte) time.Time {
+	if t, ok := rawTime(line, fieldNotAfter); ok {
+		return t
+	}
+	var r Record
+	if json.Unmarshal(line, &r) == nil && !r.NotAfter.IsZero() {
+		return r.NotAfter
+	}
+	return farFuture
+}
+
+// farFuture is later than any certificate's NotAfter.
+var farFuture = time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC)
+
 func rawTime(line, field []byte) (time.Time, bool) {
 	v, ok := rawString(line, field)
 	if !ok || v == nil {
@@ -266,6 +296,7 @@ func scanSegment(path string, first uint64, serials map[string][]loc) (scanResul
 			if s := rawSerial(line); s != "" {
 				serials[s] = append(serials[s], loc{seg: first, off: off})
 			}
+			res.seg.noteIssued(issuedNotAfter(line))
 		}
 	}
 	return res, nil

@@ -534,6 +534,9 @@ func (l *Ledger) index(base int64) {
 		}
 		off := base + it.off
 		s.add(it.rec.Seq, it.rec.Time, it.rec.Kind, off, it.n)
+		if it.rec.Kind == KindIssued {
+			s.noteIssued(it.rec.NotAfter)
+		}
 		if it.rec.Kind == KindIssued && it.rec.Serial != "" {
 			key := strings.ToLower(it.rec.Serial)
 			l.serials[key] = append(l.serials[key], loc{seg: w.segFirst, off: off})
