@@ -10,14 +10,6 @@ import (
 	"github.com/meshca/meshca/internal/leader"
 )
 
-// bundlePublisher is where publishBundle writes the trust bundle:
-// *kubestate.BundleConfigMap.
-type bundlePublisher interface {
-	Publish(ctx context.Context, pem []byte) (bool, error)
-}
-
-var _ bundlePublisher = (*kubestate.BundleConfigMap)(nil)
-
 // Retry bounds of publishBundle after a failed write.
 const (
 	publishRetryMin = time.Second
@@ -27,7 +19,7 @@ const (
 // bundlePublisher returns where `meshca server` publishes the trust
 // bundle: the --bundle-configmap ConfigMap with the kube authenticator,
 // nothing otherwise.
-func (o *serverOptions) bundlePublisher(authn any) (bundlePublisher, error) {
+func (o *serverOptions) bundlePublisher(authn any) (*kubestate.BundleConfigMap, error) {
 	k, isKube := authn.(*kubeAuth)
 	if !isKube || o.bundleCM == "" {
 		return nil, nil
@@ -38,7 +30,7 @@ func (o *serverOptions) bundlePublisher(authn any) (bundlePublisher, error) {
 // publishBundle keeps the trust bundle ConfigMap equal to the CA's bundle
 // while this replica leads (always, without an elector). One writer: a follower that has not yet read
 // the leader's latest rotation step would write an older bundle back.
-func publishBundle(ctx context.Context, a *ca.Authority, el leader.Elector, pub bundlePublisher, log *slog.Logger) error {
+func publishBundle(ctx context.Context, a *ca.Authority, el leader.Elector, pub *kubestate.BundleConfigMap, log *slog.Logger) error {
 	retry := publishRetryMin
 	for {
 		var leadChanged <-chan struct{}

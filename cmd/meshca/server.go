@@ -10,7 +10,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/meshca/meshca/identity"
 	"github.com/meshca/meshca/identity/devtoken"
@@ -84,17 +83,10 @@ func newServerCommand(g *globalOptions) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pub, err := o.bundlePublisher(c.authn)
-			if err != nil {
+			if st.bundleCM, err = o.bundlePublisher(c.authn); err != nil {
 				return err
 			}
-			if pub == nil {
-				return st.run(ctx, o.bundleOut)
-			}
-			g, gctx := errgroup.WithContext(ctx)
-			g.Go(func() error { return st.run(gctx, o.bundleOut) })
-			g.Go(func() error { return publishBundle(gctx, st.authority, c.elector, pub, log) })
-			return g.Wait()
+			return st.run(ctx, o.bundleOut)
 		},
 	}
 	fs := cmd.Flags()

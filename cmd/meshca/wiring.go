@@ -30,6 +30,7 @@ import (
 	"github.com/meshca/meshca/internal/atomicfile"
 	"github.com/meshca/meshca/internal/audit"
 	"github.com/meshca/meshca/internal/certservice"
+	"github.com/meshca/meshca/internal/kubestate"
 	"github.com/meshca/meshca/internal/leader"
 	"github.com/meshca/meshca/internal/peers"
 	"github.com/meshca/meshca/internal/policy"
@@ -99,7 +100,9 @@ type stack struct {
 	rotator   *rotation.Rotator // nil for a plugged-in CA
 	// peers publishes this replica's proxies and certificates to the
 	// others and reads theirs for rotation; nil when alone.
-	peers     *peers.Publisher
+	peers *peers.Publisher
+	// bundleCM, when set, is where the leader publishes the trust bundle.
+	bundleCM  *kubestate.BundleConfigMap
 	admin     *admin.Server
 	adminOpts adminOptions
 	adminLs   []net.Listener // opened by listen
@@ -391,6 +394,9 @@ func (s *stack) serve(ctx context.Context, bundlePath string) error {
 	}
 	if bundlePath != "" {
 		g.Go(func() error { return writeBundle(ctx, s.authority, bundlePath, s.log) })
+	}
+	if s.bundleCM != nil {
+		g.Go(func() error { return publishBundle(ctx, s.authority, s.elector, s.bundleCM, s.log) })
 	}
 	return g.Wait()
 }
