@@ -90,7 +90,7 @@ func benchmarkPush(b *testing.B, n, perConn int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	serve(b, lis, s)
+	sdstest.Serve(b, s, lis)
 
 	runtime.GC()
 	var before runtime.MemStats

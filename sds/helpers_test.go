@@ -101,7 +101,7 @@ func serveUnix(t testing.TB, s *sds.Server) (target string, conn *grpc.ClientCon
 	if err != nil {
 		t.Fatal(err)
 	}
-	serve(t, lis, s)
+	sdstest.Serve(t, s, lis)
 	target = "unix://" + path
 	return target, dial(t, target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 }
@@ -126,26 +126,12 @@ func serveTLS(t testing.TB, s *sds.Server, a *ca.Authority) (string, credentials
 	if err != nil {
 		t.Fatal(err)
 	}
-	serve(t, lis, s, grpc.Creds(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}})))
+	sdstest.Serve(t, s, lis, grpc.Creds(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}})))
 	roots := x509.NewCertPool()
 	for _, r := range issued.Roots {
 		roots.AddCert(r)
 	}
 	return lis.Addr().String(), credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots})
-}
-
-func serve(t testing.TB, lis net.Listener, s *sds.Server, opts ...grpc.ServerOption) {
-	gs := grpc.NewServer(opts...)
-	s.Register(gs)
-	done := make(chan error, 1)
-	go func() { done <- gs.Serve(lis) }()
-	t.Cleanup(func() {
-		// Stop, not GracefulStop: SDS streams never end by themselves.
-		gs.Stop()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
 }
 
 func dial(t testing.TB, target string, opts ...grpc.DialOption) *grpc.ClientConn {

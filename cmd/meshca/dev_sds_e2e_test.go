@@ -343,10 +343,7 @@ func TestSDSWatchFollowsChanges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer()
-	srv.Register(gs)
-	go gs.Serve(lis)
-	defer gs.Stop()
+	sdstest.Serve(t, srv, lis)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

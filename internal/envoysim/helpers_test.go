@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"google.golang.org/grpc"
 
 	"github.com/meshca/meshca/ca"
 	"github.com/meshca/meshca/ca/catest"
@@ -24,6 +23,7 @@ import (
 	"github.com/meshca/meshca/internal/policy"
 	"github.com/meshca/meshca/internal/policy/envoyconfig"
 	"github.com/meshca/meshca/sds"
+	"github.com/meshca/meshca/sds/sdstest"
 )
 
 const (
@@ -75,17 +75,7 @@ func agent(t *testing.T, snap sds.Snapshot) (string, *sds.Broadcaster) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer()
-	srv.Register(gs)
-	done := make(chan error, 1)
-	go func() { done <- gs.Serve(lis) }()
-	t.Cleanup(func() {
-		// Stop, not GracefulStop: SDS streams never end by themselves.
-		gs.Stop()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
+	sdstest.Serve(t, srv, lis)
 	return path, b
 }
 

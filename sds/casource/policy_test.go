@@ -220,16 +220,7 @@ func serve(t *testing.T, src sds.Source) *grpc.ClientConn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer()
-	srv.Register(gs)
-	done := make(chan error, 1)
-	go func() { done <- gs.Serve(lis) }()
-	t.Cleanup(func() {
-		gs.Stop()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
+	sdstest.Serve(t, srv, lis)
 	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
