@@ -476,16 +476,18 @@ func parseVersion(v string) [numKinds]string {
 	return out
 }
 
-// close ends the stream's accounting.
+// close ends the stream's accounting. The stream leaves Status before its
+// subscriptions leave the counts, so whoever sees the counts drop (woken by
+// AckChanged) no longer finds it among the streams.
 func (st *stream) close() {
 	st.mu.Lock()
+	defer st.mu.Unlock()
 	st.done = true
 	if st.watcher != nil {
 		st.watcher.Close()
 	}
+	st.srv.remove(st)
 	for k := range st.subs {
 		st.subscribe(kind(k), false, false)
 	}
-	st.mu.Unlock()
-	st.srv.remove(st)
 }
